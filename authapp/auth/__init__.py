@@ -1,0 +1,1 @@
+"""The auth blueprint: routes (thin views), service (the logic), tokens, passwords."""

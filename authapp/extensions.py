@@ -1,0 +1,19 @@
+"""Flask extensions, created unbound and bound to an app in `create_app`."""
+
+from flask_cors import CORS
+from flask_jwt_extended import JWTManager
+from flask_migrate import Migrate
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy.orm import DeclarativeBase
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+# expire_on_commit=False: objects stay readable after a unit of work commits, so a view
+# can serialise them without a second round trip.
+db = SQLAlchemy(model_class=Base, session_options={"expire_on_commit": False})
+migrate = Migrate()
+jwt = JWTManager()
+cors = CORS()

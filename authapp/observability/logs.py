@@ -1,0 +1,61 @@
+"""JSON log lines through python-json-logger, each stamped with the request id."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import IO
+
+from flask import g, has_request_context
+from pythonjsonlogger.json import JsonFormatter
+
+
+class RequestContextFilter(logging.Filter):
+    """Adds the current request id to every record logged during a request."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = g.get("request_id") if has_request_context() else None
+        return True
+
+
+_HANDLER_NAME = "authapp-json"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record comes (test runners swap it)."""
+
+    @property
+    def stream(self) -> IO[str]:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: IO[str]) -> None:
+        pass
+
+
+def configure(level: str) -> None:
+    """Send the `authapp` loggers to stderr as JSON; safe to call once per app."""
+    logger = logging.getLogger("authapp")
+    logger.setLevel(level)
+    logger.propagate = False
+    if any(h.get_name() == _HANDLER_NAME for h in logger.handlers):
+        return
+    handler = make_handler(None)
+    handler.set_name(_HANDLER_NAME)
+    logger.addHandler(handler)
+
+
+def make_handler(stream: IO[str] | None) -> logging.Handler:
+    """A handler writing one JSON object a line to `stream` (stderr when None)."""
+    handler = _StderrHandler() if stream is None else logging.StreamHandler(stream)
+    handler.setFormatter(
+        JsonFormatter(
+            "{levelname}{name}{message}",
+            style="{",
+            rename_fields={"levelname": "level", "name": "logger"},
+            timestamp=True,
+        )
+    )
+    handler.addFilter(RequestContextFilter())
+    return handler

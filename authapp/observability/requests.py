@@ -1,0 +1,53 @@
+"""Before/after-request hooks: the request id, the request's duration, one log line."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from flask import Flask, Response, g, request
+
+log = logging.getLogger("authapp.request")
+
+REQUEST_ID_HEADER = "X-Request-ID"
+
+
+def _incoming_request_id() -> str | None:
+    """Keep a caller's request id only when it is a well-formed UUID."""
+    raw = request.headers.get(REQUEST_ID_HEADER, "")
+    if not raw or len(raw) > 64:
+        return None
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        return None
+
+
+def _start() -> None:
+    g.request_started = time.perf_counter()
+    g.request_id = _incoming_request_id() or str(uuid.uuid4())
+
+
+def _finish(response: Response) -> Response:
+    response.headers[REQUEST_ID_HEADER] = g.get("request_id", "")
+    started = g.get("request_started")
+    duration_ms = round((time.perf_counter() - started) * 1000, 2) if started else None
+    log.info(
+        "request",
+        extra={
+            "event": "request",
+            "method": request.method,
+            "path": request.path,
+            "status": response.status_code,
+            "duration_ms": duration_ms,
+            "user_id": g.get("user_id"),
+            "client_addr": request.remote_addr,
+        },
+    )
+    return response
+
+
+def init_app(app: Flask) -> None:
+    app.before_request(_start)
+    app.after_request(_finish)

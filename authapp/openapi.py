@@ -1,0 +1,131 @@
+"""flask-smorest wiring: the JSON body parser, the documented error envelope, and the
+Swagger UI / ReDoc pages served with assets from installed packages (no CDN)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, NoReturn
+
+import flask_smorest
+import marshmallow as ma
+from flask import Blueprint as FlaskBlueprint
+from flask import Flask, Request, send_from_directory
+from webargs import core
+from webargs.flaskparser import FlaskParser, is_json_request
+
+from .errors import NotFound, UnsupportedMediaType, ValidationFailed
+from .schemas import ErrorSchema
+from .version import __version__
+
+BEARER = [{"bearerAuth": []}]
+
+
+class JSONBodyParser(FlaskParser):
+    """webargs parser whose failures are the contract's 400/415 envelopes.
+
+    A body must be a JSON object sent as `application/json`. An endpoint whose schema has
+    no required field (logout) may also be called with no body at all.
+    """
+
+    DEFAULT_VALIDATION_STATUS = 400
+
+    def load_json(self, req: Request, schema: ma.Schema) -> Any:
+        raw = req.get_data(cache=True)  # over MAX_CONTENT_LENGTH: 413 from Werkzeug
+        body_optional = not any(f.required for f in schema.fields.values())
+        if not is_json_request(req):
+            if not raw and body_optional:
+                return core.missing
+            raise UnsupportedMediaType()
+        if not raw.strip():
+            if body_optional:
+                return core.missing
+            raise ValidationFailed(errors={"_body": ["A JSON object is required."]})
+        try:
+            data = core.parse_json(raw)
+        except ValueError:  # JSONDecodeError, including bytes that are not UTF-8
+            raise ValidationFailed(errors={"_body": ["Malformed JSON."]}) from None
+        if not isinstance(data, dict):
+            raise ValidationFailed(errors={"_body": ["The body must be a JSON object."]})
+        return data
+
+    def handle_error(
+        self, error: ma.ValidationError, req: Request, schema: ma.Schema, **kwargs: Any
+    ) -> NoReturn:
+        messages = error.messages
+        if isinstance(messages, dict) and set(messages) == {"json"}:
+            messages = messages["json"]
+        if not isinstance(messages, dict):
+            messages = {"_body": messages}
+        if "_schema" in messages:
+            messages["_body"] = messages.pop("_schema")
+        raise ValidationFailed(errors=messages)
+
+
+class Blueprint(flask_smorest.Blueprint):
+    ARGUMENTS_PARSER = JSONBodyParser()
+
+
+class Api(flask_smorest.Api):
+    ERROR_SCHEMA = ErrorSchema
+
+    def _register_error_handlers(self) -> None:
+        """The app's own handlers (errors.init_app) answer every error."""
+
+
+def _package_dir(package: str, *parts: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"package {package} is not installed")
+    return Path(next(iter(spec.submodule_search_locations)), *parts)
+
+
+ASSETS = {
+    # flask-smorest's Swagger UI page loads {url}swagger-ui.css, -bundle.js, -standalone-preset.js
+    "swagger-ui.css": ("flask_openapi3_swagger", "templates/swagger/css"),
+    "swagger-ui-bundle.js": ("flask_openapi3_swagger", "templates/swagger/js"),
+    "swagger-ui-standalone-preset.js": ("flask_openapi3_swagger", "templates/swagger/js"),
+    "redoc.standalone.js": ("flask_openapi3_redoc", "templates/redoc/js"),
+}
+
+assets = FlaskBlueprint("docs_assets", __name__, url_prefix="/docs-assets")
+
+
+@assets.get("/<name>")
+def asset(name: str):
+    if name not in ASSETS:
+        raise NotFound()
+    package, folder = ASSETS[name]
+    return send_from_directory(_package_dir(package, folder), name, max_age=86400)
+
+
+def openapi_config() -> dict[str, Any]:
+    return {
+        "API_TITLE": "authapp",
+        "API_VERSION": version(),
+        "OPENAPI_VERSION": "3.0.3",
+        "OPENAPI_URL_PREFIX": "/",
+        "OPENAPI_JSON_PATH": "openapi.json",
+        "OPENAPI_SWAGGER_UI_PATH": "docs",
+        "OPENAPI_SWAGGER_UI_URL": "/docs-assets/",
+        "OPENAPI_REDOC_PATH": "redoc",
+        "OPENAPI_REDOC_URL": "/docs-assets/redoc.standalone.js",
+    }
+
+
+def version() -> str:
+    return __version__
+
+
+def init_app(app: Flask, api: Api) -> None:
+    for key, value in openapi_config().items():
+        app.config.setdefault(key, value)
+    api.init_app(
+        app,
+        spec_kwargs={
+            "components": {
+                "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}
+            }
+        },
+    )
+    app.register_blueprint(assets)

@@ -1,0 +1,174 @@
+"""Configuration read from the environment (and `.env`), checked once at start-up.
+
+Every setting of CONTRACT.md is parsed here. A bad value raises ConfigError with one line
+naming the variable; `wsgi.py` turns that into a clean exit. Secrets have no fallback
+value: outside development and testing `JWT_SECRET_KEY` must be set.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from typing import Any
+
+ENVIRONMENTS = ("development", "staging", "production", "testing")
+JWT_ALGORITHMS = ("HS256", "HS384", "HS512")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# RFC 7518 3.2: an HMAC key at least as long as the hash output.
+MIN_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+_RATE_LIMIT = re.compile(r"^\s*\d+\s*(/|per)\s*\d*\s*(second|minute|hour|day)s?\s*$", re.I)
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed; the message names the variable."""
+
+
+def _int(minimum: int, maximum: int | None = None) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum else f">= {minimum}"
+            raise ConfigError(f"{name} must be {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def _choice(options: tuple[str, ...], *, upper: bool = False) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip().upper() if upper else raw.strip().lower()
+        if value not in options:
+            raise ConfigError(f"{name} must be one of {', '.join(options)}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _rate_limit(name: str, raw: str) -> str:
+    if not all(_RATE_LIMIT.match(part) for part in raw.split(";")):
+        raise ConfigError(f"{name} must be a rate limit such as '30/minute', got {raw!r}")
+    return raw.strip()
+
+
+def _text(name: str, raw: str) -> str:
+    if not raw.strip():
+        raise ConfigError(f"{name} must not be empty")
+    return raw.strip()
+
+
+def _origins(name: str, raw: str) -> list[str]:
+    origins = [o.strip().rstrip("/") for o in raw.split(",") if o.strip()]
+    for origin in origins:
+        if origin == "*" or not re.match(r"^https?://[^/\s]+$", origin):
+            raise ConfigError(f"{name} must list origins like https://app.example.com, got {origin!r}")
+    return origins
+
+
+def _database_url(name: str, raw: str) -> str:
+    url = raw.strip()
+    # Heroku-style URLs name the dialect "postgres", which SQLAlchemy no longer accepts.
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://") :]
+    # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; the driver shipped is psycopg2.
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg2://" + url[len("postgresql://") :]
+    if not re.match(r"^(sqlite|postgresql)(\+\w+)?://", url):
+        raise ConfigError(f"{name} must be a sqlite:// or postgresql:// URL")
+    return url
+
+
+# variable -> (parser, default). A default of None means "not set".
+SETTINGS: dict[str, tuple[Callable[[str, str], Any], str | None]] = {
+    "ENVIRONMENT": (_choice(ENVIRONMENTS), "development"),
+    "DATABASE_URL": (_database_url, None),
+    "JWT_SECRET_KEY": (_text, None),
+    "JWT_ALGORITHM": (_choice(JWT_ALGORITHMS, upper=True), "HS256"),
+    "JWT_ISSUER": (_text, "authapp"),
+    "JWT_AUDIENCE": (_text, "authapp"),
+    "ACCESS_TOKEN_EXPIRE_MINUTES": (_int(1, 24 * 60), "30"),
+    "REFRESH_TOKEN_EXPIRE_DAYS": (_int(1, 365), "7"),
+    "SESSION_MAX_LIFETIME_DAYS": (_int(1, 3650), "30"),
+    "REFRESH_TOKEN_REUSE_INTERVAL": (_int(0, 300), "10"),
+    "LOG_LEVEL": (_choice(LOG_LEVELS, upper=True), "INFO"),
+    "DATABASE_MAX_POOL_SIZE": (_int(1, 1000), "20"),
+    "CIRCUIT_BREAKER_THRESHOLD": (_int(1, 1000), "5"),
+    "CIRCUIT_BREAKER_TIMEOUT": (_int(1, 3600), "60"),
+    "CIRCUIT_BREAKER_HALF_OPEN_MAX_CALLS": (_int(1, 1000), "1"),
+    "CORS_ORIGINS": (_origins, ""),
+    "BCRYPT_ROUNDS": (_int(4, 31), "12"),
+    "PASSWORD_MIN_LENGTH": (_int(8, 128), "8"),
+    "RATELIMIT_ENABLED": (_bool, "true"),
+    "RATELIMIT_STORAGE_URI": (_text, "memory://"),
+    "LOGIN_RATE_LIMIT": (_rate_limit, "30/minute"),
+    "REGISTER_RATE_LIMIT": (_rate_limit, "10/minute"),
+    "REFRESH_RATE_LIMIT": (_rate_limit, "60/minute"),
+    "LOGIN_MAX_FAILURES": (_int(1, 10_000), "10"),
+    "LOGIN_FAILURE_WINDOW": (_int(1, 86_400), "900"),
+}
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Parse every setting from `environ` (the process environment and `.env` by default)."""
+    if environ is None:
+        from dotenv import load_dotenv
+
+        load_dotenv(override=False)
+        environ = os.environ
+    settings: dict[str, Any] = {}
+    for name, (parse, default) in SETTINGS.items():
+        raw = environ.get(name)
+        if raw is None or (raw == "" and default is not None):
+            raw = default
+        settings[name] = None if raw is None else parse(name, raw)
+    return settings
+
+
+def build_flask_config(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Turn parsed settings into the Flask and extension configuration keys."""
+    env = settings["ENVIRONMENT"]
+    secret = settings.get("JWT_SECRET_KEY")
+    generated = False
+    if secret is None:
+        if env not in ("development", "testing"):
+            raise ConfigError(f"JWT_SECRET_KEY is required when ENVIRONMENT={env}")
+        secret, generated = secrets.token_urlsafe(64), True
+    algorithm = settings["JWT_ALGORITHM"]
+    minimum = MIN_SECRET_BYTES[algorithm]
+    if not generated and len(secret.encode()) < minimum:
+        raise ConfigError(f"JWT_SECRET_KEY must be at least {minimum} bytes long for {algorithm}")
+    return {
+        **settings,
+        "TESTING": env == "testing",
+        "SECRET_KEY": secret,
+        "JWT_SECRET_KEY": secret,
+        "JWT_SECRET_GENERATED": generated,
+        "JWT_ALGORITHM": algorithm,
+        "JWT_DECODE_ALGORITHMS": [algorithm],
+        "JWT_ENCODE_ISSUER": settings["JWT_ISSUER"],
+        "JWT_DECODE_ISSUER": settings["JWT_ISSUER"],
+        "JWT_ENCODE_AUDIENCE": settings["JWT_AUDIENCE"],
+        "JWT_DECODE_AUDIENCE": settings["JWT_AUDIENCE"],
+        "JWT_ACCESS_TOKEN_EXPIRES": timedelta(minutes=settings["ACCESS_TOKEN_EXPIRE_MINUTES"]),
+        "JWT_REFRESH_TOKEN_EXPIRES": timedelta(days=settings["REFRESH_TOKEN_EXPIRE_DAYS"]),
+        "JWT_TOKEN_LOCATION": ["headers"],
+        "SQLALCHEMY_DATABASE_URI": settings.get("DATABASE_URL"),
+        "MAX_CONTENT_LENGTH": 64 * 1024,
+        "RATELIMIT_HEADERS_ENABLED": False,
+        # Tokens travel in the Authorization header only, so no CSRF claim is needed.
+        "JWT_COOKIE_CSRF_PROTECT": False,
+    }

@@ -1,0 +1,196 @@
+"""Fixtures: every API test runs on SQLite and, when TEST_DATABASE_URL is set, on
+PostgreSQL, each on a fresh schema that the migrations built.
+
+The migrations run once per backend into a template (a SQLite file, a PostgreSQL template
+database); each test then gets its own copy, so a migration that drifts from the models
+fails the tests while the suite stays fast. Databases the suite creates carry its process
+id in their name and are dropped at the end.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import flask_migrate
+import psycopg2
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from helpers import PASSWORD, base_settings
+from sqlalchemy.engine import make_url
+
+from authapp import create_app
+from authapp.extensions import db
+
+TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "").strip()
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "").strip()
+_counter = itertools.count()
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    if TEST_DATABASE_URL:
+        return [
+            f"PostgreSQL: tests run on {make_url(TEST_DATABASE_URL).render_as_string(hide_password=True)}"
+        ]
+    return ["PostgreSQL: SKIPPED, TEST_DATABASE_URL is not set; only SQLite is tested"]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    if not TEST_DATABASE_URL:
+        terminalreporter.write_line(
+            "PostgreSQL was SKIPPED: set TEST_DATABASE_URL to run the suite on PostgreSQL too", yellow=True
+        )
+
+
+# -- PostgreSQL databases -------------------------------------------------------------
+
+
+def _pg_admin():
+    url = make_url(TEST_DATABASE_URL)
+    conn = psycopg2.connect(
+        host=url.host or "127.0.0.1",
+        port=url.port or 5432,
+        user=url.username or "postgres",
+        password=url.password,
+        dbname=url.database or "postgres",
+    )
+    conn.autocommit = True
+    return conn
+
+
+def pg_create_database(name: str, template: str | None = None) -> str:
+    """Create a database on the test server and return its URL."""
+    conn = _pg_admin()
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            cur.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
+    finally:
+        conn.close()
+    return (
+        make_url(TEST_DATABASE_URL)
+        .set(drivername="postgresql+psycopg2", database=name)
+        .render_as_string(hide_password=False)
+    )
+
+
+def pg_drop_database(name: str) -> None:
+    conn = _pg_admin()
+    with conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    conn.close()
+
+
+# -- Templates built by the migrations ------------------------------------------------
+
+
+def migrate(url: str) -> None:
+    """Build the schema at `url` the way production does: `flask db upgrade`."""
+    app = create_app(base_settings(DATABASE_URL=url))
+    with app.app_context():
+        flask_migrate.upgrade()
+        db.engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("sqlite-template") / "template.db"
+    migrate(f"sqlite:///{path}")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    name = f"authapp_test_tmpl_{os.getpid()}"
+    migrate(pg_create_database(name))
+    yield name
+    pg_drop_database(name)
+
+
+@contextmanager
+def fresh_database(backend: str, request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
+    """A database URL with the migrated schema and no rows, dropped afterwards."""
+    if backend == "sqlite":
+        path = tmp_path / f"test-{next(_counter)}.db"
+        shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
+        yield f"sqlite:///{path}"
+        return
+    template = request.getfixturevalue("pg_template")
+    name = f"authapp_test_{os.getpid()}_{next(_counter)}"
+    url = pg_create_database(name, template=template)
+    try:
+        yield url
+    finally:
+        pg_drop_database(name)
+
+
+BACKENDS = [
+    pytest.param("sqlite", id="sqlite"),
+    pytest.param(
+        "postgresql",
+        id="postgresql",
+        marks=pytest.mark.skipif(
+            not TEST_DATABASE_URL, reason="PostgreSQL skipped: TEST_DATABASE_URL not set"
+        ),
+    ),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def database_url(backend, request, tmp_path) -> Iterator[str]:
+    with fresh_database(backend, request, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def settings() -> dict[str, Any]:
+    """Override in a test module (or parametrize) to change the app's settings."""
+    return {}
+
+
+@pytest.fixture
+def app(database_url, settings) -> Iterator[Flask]:
+    app = create_app(base_settings(DATABASE_URL=database_url, **settings))
+    yield app
+    with app.app_context():
+        db.engine.dispose()
+
+
+@pytest.fixture
+def client(app) -> FlaskClient:
+    return app.test_client()
+
+
+# -- Data -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def register(client) -> Callable[..., dict[str, Any]]:
+    """Register a user through the API and return the TokenResponse."""
+
+    def _register(username: str | None = None, email: str | None = None, password: str = PASSWORD) -> dict:
+        username = username or f"user{uuid.uuid4().hex[:8]}"
+        email = email or f"{username}@example.com"
+        response = client.post(
+            "/auth/register", json={"email": email, "username": username, "password": password}
+        )
+        assert response.status_code == 201, response.get_json()
+        return response.get_json()
+
+    return _register
+
+
+@pytest.fixture
+def tokens(register) -> dict[str, Any]:
+    return register(username="alice", email="alice@example.com")

@@ -1,0 +1,60 @@
+"""Helpers shared by the test modules."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from flask import Flask
+from werkzeug.serving import make_server
+
+SECRET = "test-secret-key-that-is-long-enough-for-hs512-0123456789abcdefgh"
+PASSWORD = "violet-harbor-cactus-42"
+TIMESTAMP_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def base_settings(**overrides: Any) -> dict[str, Any]:
+    """Settings for a test app; values are strings, as the environment gives them."""
+    settings = {
+        "ENVIRONMENT": "testing",
+        "JWT_SECRET_KEY": SECRET,
+        "BCRYPT_ROUNDS": "4",
+        "RATELIMIT_ENABLED": "false",
+        "LOG_LEVEL": "INFO",
+    }
+    settings.update({k: str(v) for k, v in overrides.items()})
+    return settings
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def assert_error(response, status: int, code: str) -> dict[str, Any]:
+    """Check the contract's error envelope and return its body."""
+    body = response.get_json()
+    assert response.status_code == status, (response.status_code, body)
+    assert body["error_code"] == code, body
+    assert isinstance(body["detail"], str) and body["detail"]
+    assert TIMESTAMP_RE.match(body["timestamp"]), body["timestamp"]
+    assert UUID_RE.match(body["request_id"]), body["request_id"]
+    assert body["request_id"] == response.headers["X-Request-ID"]
+    return body
+
+
+@contextmanager
+def live_server(app: Flask) -> Iterator[str]:
+    """Serve `app` on a free loopback port with a thread per request; yields its base URL."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+        server.server_close()

@@ -1,0 +1,96 @@
+"""Configuration: defaults, bad values that stop start-up with one line, the dev secret."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import SECRET
+
+from authapp import create_app
+from config import ConfigError, build_flask_config, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults():
+    settings = load_settings({})
+    assert settings["ENVIRONMENT"] == "development"
+    assert settings["ACCESS_TOKEN_EXPIRE_MINUTES"] == 30
+    assert settings["REFRESH_TOKEN_EXPIRE_DAYS"] == 7
+    assert settings["BCRYPT_ROUNDS"] == 12
+    assert settings["PASSWORD_MIN_LENGTH"] == 8
+    assert settings["CORS_ORIGINS"] == []
+    assert settings["JWT_ALGORITHM"] == "HS256"
+    assert settings["RATELIMIT_STORAGE_URI"] == "memory://"
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("ACCESS_TOKEN_EXPIRE_MINUTES", "soon"),
+        ("ACCESS_TOKEN_EXPIRE_MINUTES", "0"),
+        ("BCRYPT_ROUNDS", "3"),
+        ("BCRYPT_ROUNDS", "32"),
+        ("ENVIRONMENT", "prod"),
+        ("JWT_ALGORITHM", "none"),
+        ("JWT_ALGORITHM", "RS256"),
+        ("LOG_LEVEL", "LOUD"),
+        ("CORS_ORIGINS", "*"),
+        ("CORS_ORIGINS", "example.com"),
+        ("DATABASE_URL", "mysql://x/y"),
+        ("RATELIMIT_ENABLED", "maybe"),
+        ("LOGIN_RATE_LIMIT", "lots"),
+        ("PASSWORD_MIN_LENGTH", "4"),
+    ],
+)
+def test_bad_values_name_the_variable(name, value):
+    with pytest.raises(ConfigError, match=name):
+        load_settings({name: value})
+
+
+@pytest.mark.parametrize("environment", ["staging", "production"])
+def test_secret_is_required_outside_development(environment):
+    with pytest.raises(ConfigError, match="JWT_SECRET_KEY is required"):
+        build_flask_config(load_settings({"ENVIRONMENT": environment}))
+
+
+def test_short_secret_is_refused():
+    with pytest.raises(ConfigError, match="at least 32 bytes"):
+        build_flask_config(load_settings({"ENVIRONMENT": "production", "JWT_SECRET_KEY": "short"}))
+    with pytest.raises(ConfigError, match="at least 64 bytes"):
+        build_flask_config(load_settings({"JWT_SECRET_KEY": "x" * 40, "JWT_ALGORITHM": "HS512"}))
+
+
+def test_development_without_secret_gets_a_random_key_and_a_warning(tmp_path, capsys):
+    app = create_app({"ENVIRONMENT": "development", "DATABASE_URL": f"sqlite:///{tmp_path}/d.db"})
+    other = create_app({"ENVIRONMENT": "development", "DATABASE_URL": f"sqlite:///{tmp_path}/d.db"})
+    assert len(app.config["JWT_SECRET_KEY"]) >= 64
+    assert app.config["JWT_SECRET_KEY"] != other.config["JWT_SECRET_KEY"]
+    assert "tokens die with this process" in capsys.readouterr().err
+
+
+def test_postgres_urls_use_psycopg2():
+    assert (
+        load_settings({"DATABASE_URL": "postgres://u@h/db"})["DATABASE_URL"] == "postgresql+psycopg2://u@h/db"
+    )
+
+
+def test_wsgi_exits_with_one_clear_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JWT_", "ENVIRONMENT", "BCRYPT"))}
+    env.update(ENVIRONMENT="production", JWT_SECRET_KEY=SECRET, BCRYPT_ROUNDS="many")
+    result = subprocess.run(
+        [sys.executable, "-c", "import wsgi"],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "authapp: configuration error: BCRYPT_ROUNDS must be an integer, got 'many'"
+    ]

@@ -1,0 +1,48 @@
+"""OpenAPI document, Swagger UI and ReDoc, with their assets served by the app."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+EXPECTED = {
+    ("/auth/register", "post"): {"201", "400", "409", "413", "415"},
+    ("/auth/login", "post"): {"200", "400", "401", "415"},
+    ("/auth/refresh", "post"): {"200", "400", "401"},
+    ("/auth/me", "get"): {"200", "401"},
+    ("/health", "get"): {"200", "503"},
+    ("/health/live", "get"): {"200"},
+}
+
+
+def test_openapi_document(client):
+    spec = client.get("/openapi.json").get_json()
+    assert spec["openapi"].startswith("3.")
+    for (path, method), statuses in EXPECTED.items():
+        operation = spec["paths"][path][method]
+        assert statuses <= set(operation["responses"]), (path, operation["responses"].keys())
+    assert spec["paths"]["/auth/me"]["get"]["security"] == [{"bearerAuth": []}]
+    schemas = spec["components"]["schemas"]
+    assert {"detail", "error_code", "timestamp", "request_id"} <= set(schemas["Error"]["properties"])
+    assert {"email", "username", "password"} == set(schemas["Register"]["properties"])
+    assert "hashed_password" not in str(spec)
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_doc_pages_use_only_local_assets(client, page):
+    response = client.get(page)
+    assert response.status_code == 200
+    html = response.get_data(as_text=True)
+    sources = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert sources, html
+    for source in sources:
+        assert source.startswith("/"), f"{page} loads {source} from elsewhere"
+        with client.get(source) as asset:
+            assert asset.status_code == 200, source
+            assert len(asset.get_data()) > 10_000
+
+
+def test_unknown_asset_is_404(client):
+    assert client.get("/docs-assets/../../config.py").status_code == 404
+    assert client.get("/docs-assets/evil.js").status_code == 404
