@@ -49,9 +49,7 @@ class JSONBodyParser(FlaskParser):
             raise ValidationFailed(errors={"_body": ["The body must be a JSON object."]})
         return data
 
-    def handle_error(
-        self, error: ma.ValidationError, req: Request, schema: ma.Schema, **kwargs: Any
-    ) -> NoReturn:
+    def handle_error(self, error: ma.ValidationError, req: Request, schema: ma.Schema, **kwargs: Any) -> NoReturn:
         messages = error.messages
         if isinstance(messages, dict) and set(messages) == {"json"}:
             messages = messages["json"]

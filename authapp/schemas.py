@@ -7,6 +7,7 @@ from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
 from flask import current_app
+from flask_jwt_extended import current_user
 from marshmallow import Schema, ValidationError, fields, validates_schema
 
 from .auth import passwords
@@ -98,6 +99,20 @@ class RefreshSchema(Schema):
     refresh_token = fields.String(required=True)
 
 
+class LogoutSchema(Schema):
+    refresh_token = fields.String(metadata={"description": "Optional: the session of this refresh token is ended too."})
+
+
+class ChangePasswordSchema(Schema):
+    current_password = Password(required=True)
+    new_password = Password(required=True)
+
+    @validates_schema
+    def _password_policy(self, data: dict[str, Any], **kwargs: Any) -> None:
+        user = current_user._get_current_object()
+        _check_new_password(data["new_password"], username=user.username, email=user.email, field="new_password")
+
+
 class UserSchema(Schema):
     id = fields.Integer()
     email = fields.String()
@@ -113,6 +128,20 @@ class TokenResponseSchema(Schema):
     token_type = fields.String(required=True, metadata={"example": "bearer"})
     expires_in = fields.Integer(required=True, metadata={"description": "Access token lifetime in seconds"})
     user = fields.Nested(UserSchema, required=True)
+
+
+class SessionSchema(Schema):
+    id = fields.String()
+    created_at = Timestamp()
+    last_used_at = Timestamp()
+    expires_at = Timestamp()
+    ip = fields.String(allow_none=True)
+    user_agent = fields.String(allow_none=True)
+    current = fields.Boolean(metadata={"description": "The session of the access token used"})
+
+
+class SessionListSchema(Schema):
+    sessions = fields.List(fields.Nested(SessionSchema))
 
 
 class ErrorSchema(Schema):

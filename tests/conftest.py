@@ -15,6 +15,7 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import flask_migrate
@@ -35,9 +36,7 @@ _counter = itertools.count()
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     if TEST_DATABASE_URL:
-        return [
-            f"PostgreSQL: tests run on {make_url(TEST_DATABASE_URL).render_as_string(hide_password=True)}"
-        ]
+        return [f"PostgreSQL: tests run on {make_url(TEST_DATABASE_URL).render_as_string(hide_password=True)}"]
     return ["PostgreSQL: SKIPPED, TEST_DATABASE_URL is not set; only SQLite is tested"]
 
 
@@ -135,9 +134,7 @@ BACKENDS = [
     pytest.param(
         "postgresql",
         id="postgresql",
-        marks=pytest.mark.skipif(
-            not TEST_DATABASE_URL, reason="PostgreSQL skipped: TEST_DATABASE_URL not set"
-        ),
+        marks=pytest.mark.skipif(not TEST_DATABASE_URL, reason="PostgreSQL skipped: TEST_DATABASE_URL not set"),
     ),
 ]
 
@@ -182,9 +179,7 @@ def register(client) -> Callable[..., dict[str, Any]]:
     def _register(username: str | None = None, email: str | None = None, password: str = PASSWORD) -> dict:
         username = username or f"user{uuid.uuid4().hex[:8]}"
         email = email or f"{username}@example.com"
-        response = client.post(
-            "/auth/register", json={"email": email, "username": username, "password": password}
-        )
+        response = client.post("/auth/register", json={"email": email, "username": username, "password": password})
         assert response.status_code == 201, response.get_json()
         return response.get_json()
 
@@ -194,3 +189,15 @@ def register(client) -> Callable[..., dict[str, Any]]:
 @pytest.fixture
 def tokens(register) -> dict[str, Any]:
     return register(username="alice", email="alice@example.com")
+
+
+@pytest.fixture
+def later(monkeypatch) -> Callable[[int], None]:
+    """Move the auth service's clock forward by some seconds (tokens keep the real clock)."""
+    from authapp.auth import service
+
+    def move(seconds: int) -> None:
+        real = service.utcnow
+        monkeypatch.setattr(service, "utcnow", lambda: real() + timedelta(seconds=seconds))
+
+    return move

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import jwt
 from flask import Flask
 from werkzeug.serving import make_server
 
@@ -32,6 +33,11 @@ def base_settings(**overrides: Any) -> dict[str, Any]:
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+def sid_of(body: dict[str, Any]) -> str:
+    """The session id of a TokenResponse."""
+    return jwt.decode(body["access_token"], options={"verify_signature": False})["sid"]
 
 
 def assert_error(response, status: int, code: str) -> dict[str, Any]:

@@ -75,9 +75,7 @@ def test_login_failures_look_the_same(client, tokens, app):
 
 
 def test_login_needs_exactly_one_identifier(client, tokens):
-    both = client.post(
-        "/auth/login", json={"email": "alice@example.com", "username": "alice", "password": PASSWORD}
-    )
+    both = client.post("/auth/login", json={"email": "alice@example.com", "username": "alice", "password": PASSWORD})
     neither = client.post("/auth/login", json={"password": PASSWORD})
     for response in (both, neither):
         assert "_body" in assert_error(response, 400, "VALIDATION_ERROR")["errors"]

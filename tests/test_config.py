@@ -74,9 +74,7 @@ def test_development_without_secret_gets_a_random_key_and_a_warning(tmp_path, ca
 
 
 def test_postgres_urls_use_psycopg2():
-    assert (
-        load_settings({"DATABASE_URL": "postgres://u@h/db"})["DATABASE_URL"] == "postgresql+psycopg2://u@h/db"
-    )
+    assert load_settings({"DATABASE_URL": "postgres://u@h/db"})["DATABASE_URL"] == "postgresql+psycopg2://u@h/db"
 
 
 def test_wsgi_exits_with_one_clear_line(tmp_path):

@@ -11,6 +11,11 @@ EXPECTED = {
     ("/auth/login", "post"): {"200", "400", "401", "415"},
     ("/auth/refresh", "post"): {"200", "400", "401"},
     ("/auth/me", "get"): {"200", "401"},
+    ("/auth/logout", "post"): {"204", "400", "401", "415"},
+    ("/auth/logout-all", "post"): {"204", "401"},
+    ("/auth/change-password", "post"): {"200", "400", "401", "415"},
+    ("/auth/sessions", "get"): {"200", "401"},
+    ("/auth/sessions/{session_id}", "delete"): {"204", "401", "404"},
     ("/health", "get"): {"200", "503"},
     ("/health/live", "get"): {"200"},
 }
@@ -22,10 +27,14 @@ def test_openapi_document(client):
     for (path, method), statuses in EXPECTED.items():
         operation = spec["paths"][path][method]
         assert statuses <= set(operation["responses"]), (path, operation["responses"].keys())
-    assert spec["paths"]["/auth/me"]["get"]["security"] == [{"bearerAuth": []}]
+    for path, method in EXPECTED:
+        protected = path.startswith(("/auth/me", "/auth/logout", "/auth/change", "/auth/sessions"))
+        assert (spec["paths"][path][method].get("security") == [{"bearerAuth": []}]) == protected, path
     schemas = spec["components"]["schemas"]
     assert {"detail", "error_code", "timestamp", "request_id"} <= set(schemas["Error"]["properties"])
     assert {"email", "username", "password"} == set(schemas["Register"]["properties"])
+    assert spec["paths"]["/auth/logout"]["post"]["requestBody"]["required"] is False
+    assert spec["paths"]["/auth/login"]["post"]["requestBody"]["required"] is True
     assert "hashed_password" not in str(spec)
 
 

@@ -7,7 +7,7 @@ import json
 import logging
 
 import pytest
-from helpers import PASSWORD, bearer
+from helpers import PASSWORD, bearer, sid_of
 
 from authapp.extensions import db
 from authapp.models import User
@@ -46,16 +46,68 @@ def test_no_secret_reaches_the_log(app, client, log_lines):
     client.get("/auth/me", headers=bearer(refreshed["access_token"]))
     client.get("/auth/me", headers=bearer(registered["refresh_token"]))
     client.post("/auth/register", json={"email": "bad", "username": "x", "password": PASSWORD + "!"})
+    changed = client.post(
+        "/auth/change-password",
+        headers=bearer(refreshed["access_token"]),
+        json={"current_password": PASSWORD, "new_password": "granite-meadow-lantern-7"},
+    ).get_json()
+    client.post(
+        "/auth/logout", headers=bearer(changed["access_token"]), json={"refresh_token": changed["refresh_token"]}
+    )
     with app.app_context():
         hashed = db.session.scalar(db.select(User.hashed_password))
 
     text = json.dumps(log_lines())
     assert len(log_lines()) >= 7
     secrets = [PASSWORD, hashed, hashed[7:29]]
-    for body in (registered, refreshed):
+    secrets.append("granite-meadow-lantern-7")
+    for body in (registered, refreshed, changed):
         secrets += [body["access_token"], body["refresh_token"]]
-        secrets += [
-            part for token in (body["access_token"], body["refresh_token"]) for part in token.split(".")[1:]
-        ]
+        secrets += [part for token in (body["access_token"], body["refresh_token"]) for part in token.split(".")[1:]]
     for secret in secrets:
         assert secret not in text
+
+
+def test_audit_trail(client, log_lines, later):
+    body = {"email": "dan@example.com", "username": "dan", "password": PASSWORD}
+    first = client.post("/auth/register", json=body).get_json()
+    client.post("/auth/login", json={"username": "dan", "password": "wrong-password-99"})
+    client.post("/auth/login", json={"username": "nobody", "password": PASSWORD})
+    second = client.post("/auth/login", json={"username": "dan", "password": PASSWORD}).get_json()
+    rotated = client.post("/auth/refresh", json={"refresh_token": second["refresh_token"]}).get_json()
+    client.post("/auth/refresh", json={"refresh_token": second["refresh_token"]})  # replay inside the interval
+    client.delete(f"/auth/sessions/{sid_of(first)}", headers=bearer(rotated["access_token"]))
+    changed = client.post(
+        "/auth/change-password",
+        headers=bearer(rotated["access_token"]),
+        json={"current_password": PASSWORD, "new_password": "granite-meadow-lantern-7"},
+    ).get_json()
+    client.post("/auth/logout", headers=bearer(changed["access_token"]))
+    third = client.post("/auth/login", json={"username": "dan", "password": "granite-meadow-lantern-7"}).get_json()
+    client.post("/auth/refresh", json={"refresh_token": third["refresh_token"]})
+    later(60)
+    client.post("/auth/refresh", json={"refresh_token": third["refresh_token"]})  # theft
+
+    events = [entry for entry in log_lines() if entry.get("audit")]
+    names = [e["event"] for e in events]
+    assert names == [
+        "register",
+        "login_failure",
+        "login_failure",
+        "login_success",
+        "refresh",
+        "refresh_replay_within_interval",
+        "session_revoked",
+        "password_changed",
+        "logout",
+        "login_success",
+        "refresh",
+        "refresh_reuse_detected",
+    ]
+    reasons = [e.get("reason") for e in events if e["event"] == "login_failure"]
+    assert reasons == ["wrong_password", "unknown_user"]
+    for event in events:
+        assert event["request_id"] and event["client_addr"] == "127.0.0.1"
+        if event["event"] != "login_failure" or event["reason"] != "unknown_user":
+            assert event["user_id"] == first["user"]["id"]
+    assert all(e["sid"] for e in events if e["event"] not in ("login_failure",))

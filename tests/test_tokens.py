@@ -42,9 +42,7 @@ def test_non_bearer_scheme_is_a_missing_token(client, tokens):
     "make",
     [
         pytest.param(lambda t: unsigned(valid_claims(t)), id="alg-none"),
-        pytest.param(
-            lambda t: forge(valid_claims(t), key="another-key-that-is-also-long-enough-!!"), id="wrong-key"
-        ),
+        pytest.param(lambda t: forge(valid_claims(t), key="another-key-that-is-also-long-enough-!!"), id="wrong-key"),
         pytest.param(lambda t: forge(valid_claims(t, aud="someone-else")), id="wrong-aud"),
         pytest.param(lambda t: forge(valid_claims(t, iss="someone-else")), id="wrong-iss"),
         pytest.param(lambda t: forge(valid_claims(t), algorithm="HS512"), id="wrong-alg"),

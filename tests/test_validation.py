@@ -37,9 +37,7 @@ def test_wrong_content_type(client, path):
 def test_body_over_64_kib(client):
     body = b'{"email": "' + b"a" * (64 * 1024 - 10) + b'"}'
     assert len(body) > 64 * 1024
-    assert_error(
-        client.post("/auth/register", data=body, content_type="application/json"), 413, "PAYLOAD_TOO_LARGE"
-    )
+    assert_error(client.post("/auth/register", data=body, content_type="application/json"), 413, "PAYLOAD_TOO_LARGE")
 
 
 def test_body_of_exactly_64_kib_is_read(client):
@@ -144,9 +142,7 @@ def test_every_character_counts(client):
 def test_password_is_nfkc_normalised_everywhere(client):
     fullwidth = "ｖｉｏｌｅｔ－ｈａｒｂｏｒ－９９"  # NFKC: violet-harbor-99
     assert client.post("/auth/register", json=register_body(password=fullwidth)).status_code == 201
-    response = client.post(
-        "/auth/login", json={"username": "bob_the.builder-1", "password": "violet-harbor-99"}
-    )
+    response = client.post("/auth/login", json={"username": "bob_the.builder-1", "password": "violet-harbor-99"})
     assert response.status_code == 200
 
 
@@ -158,9 +154,7 @@ def test_length_is_counted_after_nfkc(client):
 def test_login_validation(client):
     assert "password" in field_errors(client.post("/auth/login", json={"username": "bob"}))
     assert "email" in field_errors(client.post("/auth/login", json={"email": "nope", "password": "x"}))
-    assert "password" in field_errors(
-        client.post("/auth/login", json={"username": "bob", "password": "x" * 129})
-    )
+    assert "password" in field_errors(client.post("/auth/login", json={"username": "bob", "password": "x" * 129}))
 
 
 def test_refresh_validation(client):

@@ -2,55 +2,123 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from flask import g
 from flask_jwt_extended import current_user, jwt_required
+from marshmallow import Schema
 
 from ..openapi import BEARER, Blueprint
-from ..schemas import LoginSchema, RefreshSchema, RegisterSchema, TokenResponseSchema, UserSchema
+from ..schemas import (
+    ChangePasswordSchema,
+    LoginSchema,
+    LogoutSchema,
+    RefreshSchema,
+    RegisterSchema,
+    SessionListSchema,
+    TokenResponseSchema,
+    UserSchema,
+)
 from . import service
 
-blp = Blueprint("auth", __name__, url_prefix="/auth", description="Registration, login and tokens")
+blp = Blueprint("auth", __name__, url_prefix="/auth", description="Registration, login, tokens and sessions")
+
+TOKEN_ERRORS = "MISSING_TOKEN, INVALID_TOKEN, TOKEN_EXPIRED, TOKEN_REVOKED, USER_INACTIVE"
+
+
+def json_body(schema: type[Schema], *, required: bool = True) -> Callable:
+    """Parse and document a JSON body, with its 400, 413 and 415 answers."""
+
+    def decorate(view: Callable) -> Callable:
+        view = blp.arguments(schema, required=required)(view)
+        view = blp.alt_response(413, response="REQUEST_ENTITY_TOO_LARGE")(view)
+        return blp.alt_response(415, response="UNSUPPORTED_MEDIA_TYPE")(view)
+
+    return decorate
+
+
+def authenticated(view: Callable) -> Callable:
+    """Require a live access token, and document the bearer scheme and its 401s."""
+    view = blp.alt_response(401, response="UNAUTHORIZED", description=TOKEN_ERRORS)(view)
+    view = blp.doc(security=BEARER)(view)
+    return jwt_required()(view)
 
 
 @blp.post("/register")
-@blp.arguments(RegisterSchema)
+@json_body(RegisterSchema)
 @blp.response(201, TokenResponseSchema)
 @blp.alt_response(409, response="CONFLICT", description="USER_ALREADY_EXISTS")
-@blp.alt_response(413, response="REQUEST_ENTITY_TOO_LARGE")
-@blp.alt_response(415, response="UNSUPPORTED_MEDIA_TYPE")
 def register(data):
     """Create an account and start a session."""
     return service.register(**data)
 
 
 @blp.post("/login")
-@blp.arguments(LoginSchema)
+@json_body(LoginSchema)
 @blp.response(200, TokenResponseSchema)
 @blp.alt_response(401, response="UNAUTHORIZED", description="INVALID_CREDENTIALS")
-@blp.alt_response(413, response="REQUEST_ENTITY_TOO_LARGE")
-@blp.alt_response(415, response="UNSUPPORTED_MEDIA_TYPE")
 def login(data):
-    """Log in by email or by username."""
+    """Log in by email or by username; starts a session."""
     return service.login(**data)
 
 
 @blp.post("/refresh")
-@blp.arguments(RefreshSchema)
+@json_body(RefreshSchema)
 @blp.response(200, TokenResponseSchema)
-@blp.alt_response(401, response="UNAUTHORIZED", description="INVALID_TOKEN, TOKEN_EXPIRED, USER_INACTIVE")
-@blp.alt_response(413, response="REQUEST_ENTITY_TOO_LARGE")
-@blp.alt_response(415, response="UNSUPPORTED_MEDIA_TYPE")
+@blp.alt_response(
+    401, response="UNAUTHORIZED", description="INVALID_TOKEN, TOKEN_EXPIRED, TOKEN_REVOKED, USER_INACTIVE"
+)
 def refresh(data):
-    """Exchange a refresh token for a new access and refresh token."""
+    """Rotate a refresh token: a new access and refresh token in the same session."""
     return service.refresh(data["refresh_token"])
 
 
 @blp.get("/me")
-@jwt_required()
+@authenticated
 @blp.response(200, UserSchema)
-@blp.alt_response(
-    401, response="UNAUTHORIZED", description="MISSING_TOKEN, INVALID_TOKEN, TOKEN_EXPIRED, USER_INACTIVE"
-)
-@blp.doc(security=BEARER)
 def me():
     """The user the access token belongs to."""
     return current_user
+
+
+@blp.post("/logout")
+@authenticated
+@json_body(LogoutSchema, required=False)
+@blp.response(204)
+def logout(data):
+    """End this session (its access and refresh tokens), and the given refresh token's."""
+    service.logout(current_user, g.session_id, data.get("refresh_token"))
+
+
+@blp.post("/logout-all")
+@authenticated
+@blp.response(204)
+def logout_all():
+    """End every session of the user."""
+    service.logout_all(current_user, g.session_id)
+
+
+@blp.post("/change-password")
+@authenticated
+@json_body(ChangePasswordSchema)
+@blp.response(200, TokenResponseSchema)
+def change_password(data):
+    """Change the password (the current one is required); ends every other session."""
+    return service.change_password(current_user, g.session_id, **data)
+
+
+@blp.get("/sessions")
+@authenticated
+@blp.response(200, SessionListSchema)
+def sessions():
+    """The user's live sessions."""
+    return {"sessions": service.list_sessions(current_user, g.session_id)}
+
+
+@blp.delete("/sessions/<string:session_id>")
+@authenticated
+@blp.response(204)
+@blp.alt_response(404, response="NOT_FOUND", description="Another user's or an unknown session")
+def delete_session(session_id):
+    """Revoke one of the user's sessions."""
+    service.delete_session(current_user, session_id, g.session_id)

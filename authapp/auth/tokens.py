@@ -1,13 +1,26 @@
-"""JWT issue and decode on top of flask-jwt-extended."""
+"""JWTs on top of flask-jwt-extended: minting a session's pair, decoding refresh tokens,
+and the per-request session check.
+
+A refresh token's `jti` is random for the first token of a session; each later one is
+derived from its parent's (HMAC with the signing key), and the access token's `jti` from
+its refresh token's. With the issue time stored server-side, the pair of any refresh
+token can be minted again byte for byte, which is how a retired token replayed inside the
+reuse interval gets the session's current pair back without any token kept in clear.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from flask import current_app, g
 from flask_jwt_extended import JWTManager, create_access_token, create_refresh_token, decode_token
 from flask_jwt_extended.exceptions import JWTExtendedException
 from jwt import ExpiredSignatureError, InvalidTokenError
+from sqlalchemy import select
 
 from ..database import unit_of_work
 from ..errors import (
@@ -18,55 +31,100 @@ from ..errors import (
     UserInactive,
     app_error_response,
 )
-from ..models import User
+from ..models import AuthSession, RefreshToken, User
 
 TOKEN_TYPE = "bearer"
 
 
-def issue_pair(user: User) -> dict[str, Any]:
-    """A TokenResponse for `user`: a new access and refresh token."""
+def new_jti() -> str:
+    return uuid.uuid4().hex
+
+
+def jti_hash(jti: str) -> str:
+    """What the database keeps of a refresh token."""
+    return hashlib.sha256(jti.encode()).hexdigest()
+
+
+def _derive(jti: str, purpose: str) -> str:
+    key = current_app.config["JWT_SECRET_KEY"].encode()
+    return hmac.new(key, f"{purpose}:{jti}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def child_jti(parent_jti: str) -> str:
+    return _derive(parent_jti, "refresh")
+
+
+def mint_pair(user: User, session: AuthSession, refresh: RefreshToken, refresh_jti: str) -> dict[str, Any]:
+    """The TokenResponse of one refresh token row; the same row always gives the same pair."""
+    iat = int(refresh.issued_at.timestamp())
+    access_ttl = int(current_app.config["JWT_ACCESS_TOKEN_EXPIRES"].total_seconds())
+    access_exp = min(iat + access_ttl, int(session.expires_at.timestamp()))
     identity = str(user.id)
-    access_ttl = current_app.config["JWT_ACCESS_TOKEN_EXPIRES"]
+    common = {"sid": session.id, "iat": iat, "nbf": iat}
     return {
-        "access_token": create_access_token(identity=identity),
-        "refresh_token": create_refresh_token(identity=identity),
+        "access_token": create_access_token(
+            identity=identity,
+            additional_claims={**common, "jti": _derive(refresh_jti, "access"), "exp": access_exp},
+        ),
+        "refresh_token": create_refresh_token(
+            identity=identity,
+            additional_claims={**common, "jti": refresh_jti, "exp": int(refresh.expires_at.timestamp())},
+        ),
         "token_type": TOKEN_TYPE,
-        "expires_in": int(access_ttl.total_seconds()),
+        "expires_in": access_exp - iat,
         "user": user,
     }
 
 
-def decode_refresh_token(encoded: str) -> dict[str, Any]:
-    """The claims of a valid refresh token, or INVALID_TOKEN / TOKEN_EXPIRED."""
+def decode_refresh_token(encoded: str, *, allow_expired: bool = False) -> dict[str, Any]:
+    """The claims of a well-signed refresh token, or INVALID_TOKEN / TOKEN_EXPIRED."""
     try:
-        claims = decode_token(encoded)
+        claims = decode_token(encoded, allow_expired=allow_expired)
     except ExpiredSignatureError:
         raise TokenExpired() from None
     except (InvalidTokenError, JWTExtendedException, ValueError):
         raise InvalidToken() from None
-    if claims.get("type") != "refresh":
+    if claims.get("type") != "refresh" or not isinstance(claims.get("sid"), str):
         raise InvalidToken("A refresh token is required")
     return claims
 
 
-def _lookup_user(_header: dict[str, Any], claims: dict[str, Any]) -> User | None:
-    """Load the token's user once per request; an inactive user is refused here."""
+def user_id_of(claims: dict[str, Any]) -> int:
     try:
-        user_id = int(claims["sub"])
+        return int(claims["sub"])
     except (KeyError, TypeError, ValueError):
-        return None
+        raise InvalidToken() from None
+
+
+def _check_session(_header: dict[str, Any], claims: dict[str, Any]) -> bool:
+    """Load the token's user and session in one indexed query; True when revoked."""
+    sid = claims.get("sid")
+    if not isinstance(sid, str):
+        raise InvalidToken()
     with unit_of_work() as session:
-        user = session.get(User, user_id)
-    if user is not None and not user.is_active:
+        row = session.execute(
+            select(User, AuthSession.revoked_at, AuthSession.expires_at)
+            .join(AuthSession, AuthSession.user_id == User.id)
+            .where(AuthSession.id == sid, User.id == user_id_of(claims))
+        ).one_or_none()
+    if row is None:
+        raise InvalidToken()
+    user, revoked_at, expires_at = row
+    g.user_id = user.id
+    if not user.is_active:
         raise UserInactive()
-    if user is not None:
-        g.user_id = user.id
-    return user
+    if expires_at <= datetime.now(UTC):
+        raise TokenExpired()
+    g.authapp_user = user
+    g.session_id = sid
+    return revoked_at is not None
 
 
 def init_app(jwt: JWTManager) -> None:
-    """Route every flask-jwt-extended failure into the error envelope."""
-    jwt.user_lookup_loader(_lookup_user)
+    """The session check on every protected request, and every flask-jwt-extended failure
+    routed into the error envelope."""
+    jwt.token_in_blocklist_loader(_check_session)
+    jwt.user_lookup_loader(lambda _h, _c: g.get("authapp_user"))
     jwt.user_lookup_error_loader(lambda _h, _c: app_error_response(InvalidToken()))
     jwt.expired_token_loader(lambda _h, _c: app_error_response(TokenExpired()))
     jwt.invalid_token_loader(lambda _reason: app_error_response(InvalidToken()))

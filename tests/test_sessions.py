@@ -1,0 +1,308 @@
+"""Server-side sessions: rotation, replay and theft, logout, revocation, lifetime."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.request
+from datetime import UTC, datetime, timedelta
+
+import jwt
+import pytest
+from helpers import PASSWORD, SECRET, assert_error, bearer, live_server
+from sqlalchemy import func, select, update
+
+from authapp.extensions import db
+from authapp.models import AuthSession, RefreshToken, User
+
+
+def claims(token: str) -> dict:
+    return jwt.decode(token, SECRET, algorithms=["HS256"], audience="authapp")
+
+
+def do_refresh(client, token):
+    return client.post("/auth/refresh", json={"refresh_token": token})
+
+
+def me(client, access):
+    return client.get("/auth/me", headers=bearer(access))
+
+
+def login(client, username="alice", password=PASSWORD):
+    response = client.post("/auth/login", json={"username": username, "password": password})
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
+
+
+def test_tokens_carry_the_session_id(tokens):
+    access, refresh = claims(tokens["access_token"]), claims(tokens["refresh_token"])
+    assert access["sid"] == refresh["sid"]
+    assert len(access["sid"]) == 36
+
+
+def test_rotation_returns_a_new_pair_in_the_same_session(client, tokens):
+    rotated = do_refresh(client, tokens["refresh_token"]).get_json()
+    assert rotated["refresh_token"] != tokens["refresh_token"]
+    assert rotated["access_token"] != tokens["access_token"]
+    assert claims(rotated["refresh_token"])["sid"] == claims(tokens["refresh_token"])["sid"]
+    again = do_refresh(client, rotated["refresh_token"])
+    assert again.status_code == 200
+
+
+def test_refresh_tokens_are_not_stored_in_clear(app, tokens):
+    jti = claims(tokens["refresh_token"])["jti"]
+    with app.app_context():
+        stored = db.session.scalars(select(RefreshToken.jti_hash)).all()
+    assert stored and jti not in stored
+    assert all(tokens["refresh_token"] not in value for value in stored)
+
+
+def test_replay_inside_the_interval_returns_the_current_pair(client, tokens):
+    first = do_refresh(client, tokens["refresh_token"]).get_json()
+    replay = do_refresh(client, tokens["refresh_token"])
+    assert replay.status_code == 200
+    body = replay.get_json()
+    assert body["refresh_token"] == first["refresh_token"]
+    assert body["access_token"] == first["access_token"]
+    # nothing was revoked: every token of the session still works
+    assert me(client, tokens["access_token"]).status_code == 200
+    assert me(client, first["access_token"]).status_code == 200
+    assert do_refresh(client, first["refresh_token"]).status_code == 200
+
+
+def test_replay_of_an_older_token_follows_the_chain(client, tokens):
+    first = do_refresh(client, tokens["refresh_token"]).get_json()
+    second = do_refresh(client, first["refresh_token"]).get_json()
+    replay = do_refresh(client, tokens["refresh_token"]).get_json()
+    assert replay["refresh_token"] == second["refresh_token"]
+
+
+def test_replay_after_the_interval_revokes_the_session(client, tokens, later):
+    other = login(client)
+    first = do_refresh(client, tokens["refresh_token"]).get_json()
+    later(11)
+    assert_error(do_refresh(client, tokens["refresh_token"]), 401, "TOKEN_REVOKED")
+    # the thief's and the victim's newest tokens both stop working
+    assert_error(do_refresh(client, first["refresh_token"]), 401, "TOKEN_REVOKED")
+    assert_error(me(client, first["access_token"]), 401, "TOKEN_REVOKED")
+    assert_error(me(client, tokens["access_token"]), 401, "TOKEN_REVOKED")
+    # another session of the same user is untouched
+    assert me(client, other["access_token"]).status_code == 200
+
+
+@pytest.mark.parametrize("settings", [{"REFRESH_TOKEN_REUSE_INTERVAL": "0"}])
+def test_interval_zero_treats_any_later_replay_as_theft(client, tokens, later):
+    do_refresh(client, tokens["refresh_token"])
+    later(1)
+    assert_error(do_refresh(client, tokens["refresh_token"]), 401, "TOKEN_REVOKED")
+
+
+def test_parallel_refreshes_never_branch(app, backend, tokens):
+    if backend != "postgresql":
+        pytest.skip("parallel refreshes are shown against PostgreSQL")
+    with live_server(app) as base:
+        token = tokens["refresh_token"]
+        for _round in range(8):
+            results: list[tuple[int, dict]] = []
+            barrier = threading.Barrier(4)
+
+            def worker(token=token, results=results, barrier=barrier) -> None:
+                request = urllib.request.Request(
+                    f"{base}/auth/refresh",
+                    data=json.dumps({"refresh_token": token}).encode(),
+                    headers={"Content-Type": "application/json"},
+                    method="POST",
+                )
+                barrier.wait()
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    results.append((response.status, json.loads(response.read())))
+
+            threads = [threading.Thread(target=worker) for _ in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=60)
+            assert [status for status, _ in results] == [200] * 4
+            assert len({body["refresh_token"] for _, body in results}) == 1, "two live branches"
+            token = results[0][1]["refresh_token"]
+    with app.app_context():
+        unused = db.session.scalar(select(func.count()).select_from(RefreshToken).where(RefreshToken.used_at.is_(None)))
+        total = db.session.scalar(select(func.count()).select_from(RefreshToken))
+    assert unused == 1 and total == 9
+
+
+def test_logout_ends_this_session_only(client, tokens):
+    other = login(client)
+    response = client.post("/auth/logout", headers=bearer(tokens["access_token"]))
+    assert response.status_code == 204 and response.data == b""
+    assert_error(me(client, tokens["access_token"]), 401, "TOKEN_REVOKED")
+    assert_error(do_refresh(client, tokens["refresh_token"]), 401, "TOKEN_REVOKED")
+    assert me(client, other["access_token"]).status_code == 200
+    assert do_refresh(client, other["refresh_token"]).status_code == 200
+
+
+def test_logout_with_a_refresh_token_ends_its_session_too(client, tokens):
+    other = login(client)
+    response = client.post(
+        "/auth/logout", headers=bearer(tokens["access_token"]), json={"refresh_token": other["refresh_token"]}
+    )
+    assert response.status_code == 204
+    assert_error(me(client, other["access_token"]), 401, "TOKEN_REVOKED")
+
+
+def test_logout_refuses_another_users_refresh_token(client, tokens, register):
+    bob = register(username="bob")
+    response = client.post(
+        "/auth/logout", headers=bearer(tokens["access_token"]), json={"refresh_token": bob["refresh_token"]}
+    )
+    assert_error(response, 401, "INVALID_TOKEN")
+    assert me(client, bob["access_token"]).status_code == 200
+
+
+def test_logout_all_ends_every_session(client, tokens):
+    sessions = [tokens, login(client), login(client)]
+    assert client.post("/auth/logout-all", headers=bearer(tokens["access_token"])).status_code == 204
+    for s in sessions:
+        assert_error(me(client, s["access_token"]), 401, "TOKEN_REVOKED")
+        assert_error(do_refresh(client, s["refresh_token"]), 401, "TOKEN_REVOKED")
+
+
+def test_change_password_ends_every_other_session(client, tokens):
+    other = login(client)
+    new_password = "granite-meadow-lantern-7"
+    response = client.post(
+        "/auth/change-password",
+        headers=bearer(tokens["access_token"]),
+        json={"current_password": PASSWORD, "new_password": new_password},
+    )
+    assert response.status_code == 200
+    fresh = response.get_json()
+    assert claims(fresh["access_token"])["sid"] != claims(tokens["access_token"])["sid"]
+    assert me(client, fresh["access_token"]).status_code == 200
+    for old in (tokens, other):
+        assert_error(me(client, old["access_token"]), 401, "TOKEN_REVOKED")
+        assert_error(do_refresh(client, old["refresh_token"]), 401, "TOKEN_REVOKED")
+    assert_error(
+        client.post("/auth/login", json={"username": "alice", "password": PASSWORD}), 401, "INVALID_CREDENTIALS"
+    )
+    assert login(client, password=new_password)["user"]["username"] == "alice"
+
+
+def test_change_password_needs_the_current_one(client, tokens):
+    response = client.post(
+        "/auth/change-password",
+        headers=bearer(tokens["access_token"]),
+        json={"current_password": "not-it-at-all-9", "new_password": "granite-meadow-lantern-7"},
+    )
+    assert_error(response, 401, "INVALID_CREDENTIALS")
+    assert me(client, tokens["access_token"]).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "new_password,message",
+    [("password1", "too common"), ("alice-is-great-9", "username"), ("short", "at least 8"), (PASSWORD, "differ")],
+)
+def test_change_password_applies_the_policy(client, tokens, new_password, message):
+    response = client.post(
+        "/auth/change-password",
+        headers=bearer(tokens["access_token"]),
+        json={"current_password": PASSWORD, "new_password": new_password},
+    )
+    errors = assert_error(response, 400, "VALIDATION_ERROR")["errors"]["new_password"]
+    assert any(message in m for m in errors), errors
+
+
+def test_list_sessions(client, tokens):
+    other = client.post(
+        "/auth/login", json={"username": "alice", "password": PASSWORD}, headers={"User-Agent": "TestBrowser/1.0"}
+    ).get_json()
+    listed = client.get("/auth/sessions", headers=bearer(other["access_token"])).get_json()["sessions"]
+    assert len(listed) == 2
+    by_id = {s["id"]: s for s in listed}
+    current = by_id[claims(other["access_token"])["sid"]]
+    assert current["current"] is True and current["user_agent"] == "TestBrowser/1.0" and current["ip"] == "127.0.0.1"
+    assert by_id[claims(tokens["access_token"])["sid"]]["current"] is False
+    assert set(current) == {"id", "created_at", "last_used_at", "expires_at", "ip", "user_agent", "current"}
+    client.post("/auth/logout", headers=bearer(tokens["access_token"]))
+    listed = client.get("/auth/sessions", headers=bearer(other["access_token"])).get_json()["sessions"]
+    assert [s["id"] for s in listed] == [current["id"]]
+
+
+def test_delete_session(client, tokens, register):
+    other = login(client)
+    sid = claims(other["access_token"])["sid"]
+    bob = register(username="bob")
+    assert_error(client.delete(f"/auth/sessions/{sid}", headers=bearer(bob["access_token"])), 404, "NOT_FOUND")
+    assert_error(client.delete("/auth/sessions/no-such-id", headers=bearer(tokens["access_token"])), 404, "NOT_FOUND")
+    assert me(client, other["access_token"]).status_code == 200
+    assert client.delete(f"/auth/sessions/{sid}", headers=bearer(tokens["access_token"])).status_code == 204
+    assert_error(me(client, other["access_token"]), 401, "TOKEN_REVOKED")
+    assert_error(do_refresh(client, other["refresh_token"]), 401, "TOKEN_REVOKED")
+    assert me(client, tokens["access_token"]).status_code == 200
+
+
+def test_session_lifetime_holds_however_often_refreshed(app, client, tokens):
+    sid = claims(tokens["access_token"])["sid"]
+    with app.app_context():
+        started = db.session.get(AuthSession, sid).created_at
+    current = tokens
+    for _ in range(5):
+        current = do_refresh(client, current["refresh_token"]).get_json()
+    with app.app_context():
+        expires_at = db.session.get(AuthSession, sid).expires_at
+    assert expires_at == started + timedelta(days=30)
+
+    soon = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=120)
+    with app.app_context():
+        db.session.execute(update(AuthSession).where(AuthSession.id == sid).values(expires_at=soon))
+        db.session.commit()
+    capped = do_refresh(client, current["refresh_token"]).get_json()
+    assert claims(capped["refresh_token"])["exp"] == int(soon.timestamp())
+    assert claims(capped["access_token"])["exp"] <= int(soon.timestamp())
+
+    with app.app_context():
+        db.session.execute(
+            update(AuthSession).where(AuthSession.id == sid).values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
+        )
+        db.session.commit()
+    assert_error(do_refresh(client, capped["refresh_token"]), 401, "TOKEN_EXPIRED")
+    assert_error(me(client, capped["access_token"]), 401, "TOKEN_EXPIRED")
+
+
+def test_deactivated_user_tokens_and_login(app, client, tokens):
+    with app.app_context():
+        db.session.execute(update(User).values(is_active=False))
+        db.session.commit()
+    assert_error(me(client, tokens["access_token"]), 401, "USER_INACTIVE")
+    assert_error(do_refresh(client, tokens["refresh_token"]), 401, "USER_INACTIVE")
+    response = client.post("/auth/login", json={"username": "alice", "password": PASSWORD})
+    assert_error(response, 401, "INVALID_CREDENTIALS")
+
+
+def test_me_costs_one_statement(app, client, tokens):
+    from sqlalchemy import event
+
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, *args):
+        statements.append(statement)
+
+    with app.app_context():
+        engine = db.engine
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        assert me(client, tokens["access_token"]).status_code == 200
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert len(statements) == 1, statements
+
+
+def test_protected_routes_need_a_token(client):
+    for method, path in [
+        ("post", "/auth/logout"),
+        ("post", "/auth/logout-all"),
+        ("post", "/auth/change-password"),
+        ("get", "/auth/sessions"),
+        ("delete", "/auth/sessions/x"),
+    ]:
+        assert_error(getattr(client, method)(path), 401, "MISSING_TOKEN")
