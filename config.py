@@ -65,6 +65,13 @@ def _rate_limit(name: str, raw: str) -> str:
     return raw.strip()
 
 
+def _storage_uri(name: str, raw: str) -> str:
+    uri = raw.strip()
+    if not re.match(r"^(memory|redis|rediss|redis\+sentinel|redis\+cluster|memcached|mongodb)://", uri):
+        raise ConfigError(f"{name} must be a limits storage URI such as memory:// or redis://host:6379, got {raw!r}")
+    return uri
+
+
 def _text(name: str, raw: str) -> str:
     if not raw.strip():
         raise ConfigError(f"{name} must not be empty")
@@ -113,7 +120,8 @@ SETTINGS: dict[str, tuple[Callable[[str, str], Any], str | None]] = {
     "BCRYPT_ROUNDS": (_int(4, 31), "12"),
     "PASSWORD_MIN_LENGTH": (_int(8, 128), "8"),
     "RATELIMIT_ENABLED": (_bool, "true"),
-    "RATELIMIT_STORAGE_URI": (_text, "memory://"),
+    "RATELIMIT_STORAGE_URI": (_storage_uri, "memory://"),
+    "RATELIMIT_KEY_PREFIX": (lambda name, raw: raw.strip(), ""),
     "LOGIN_RATE_LIMIT": (_rate_limit, "30/minute"),
     "REGISTER_RATE_LIMIT": (_rate_limit, "10/minute"),
     "REFRESH_RATE_LIMIT": (_rate_limit, "60/minute"),

@@ -12,7 +12,7 @@ from flask import Flask
 
 from config import build_flask_config, load_settings
 
-from . import cli, database, errors, health, observability, openapi
+from . import cli, database, errors, health, observability, openapi, ratelimit, security
 from .auth import routes, tokens
 from .extensions import cors, db, jwt, migrate
 from .version import __version__
@@ -38,6 +38,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     register_extensions(app)
     register_blueprints(app)
     register_error_handlers(app)
+    register_hooks(app)
     register_commands(app)
     warn_if_ephemeral_secret(app)
     return app
@@ -54,6 +55,7 @@ def register_extensions(app: Flask) -> None:
     migrate.init_app(app, db, directory=MIGRATIONS_DIR, render_as_batch=True)
     jwt.init_app(app)
     tokens.init_app(jwt)
+    ratelimit.init_app(app)
     if app.config["CORS_ORIGINS"]:
         cors.init_app(
             app,
@@ -76,6 +78,10 @@ def register_blueprints(app: Flask) -> None:
 def register_error_handlers(app: Flask) -> None:
 
     errors.init_app(app)
+
+
+def register_hooks(app: Flask) -> None:
+    security.init_app(app)
 
 
 def register_commands(app: Flask) -> None:

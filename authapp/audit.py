@@ -17,6 +17,7 @@ log = logging.getLogger("authapp.audit")
 REGISTER = "register"
 LOGIN_SUCCESS = "login_success"
 LOGIN_FAILURE = "login_failure"
+LOGIN_LOCKED = "login_locked"
 REFRESH = "refresh"
 REFRESH_REPLAY = "refresh_replay_within_interval"
 REUSE_DETECTED = "refresh_reuse_detected"

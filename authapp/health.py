@@ -16,6 +16,7 @@ blp = Blueprint("health", __name__, url_prefix="/health", description="Health ch
 @blp.get("")
 @blp.response(200, HealthSchema)
 @blp.alt_response(503, schema=HealthSchema, description="unhealthy: the database cannot be reached")
+@blp.alt_response(500, response="INTERNAL_SERVER_ERROR")
 def health():
     """Readiness: 200 when the database answers, 503 when it does not."""
     try:
@@ -35,6 +36,7 @@ def health():
 
 @blp.get("/live")
 @blp.response(200, LivenessSchema)
+@blp.alt_response(500, response="INTERNAL_SERVER_ERROR")
 def live():
     """Liveness: the process answers; the database is not touched."""
     return {"status": "alive", "timestamp": iso_now()}

@@ -66,6 +66,8 @@ class Blueprint(flask_smorest.Blueprint):
 
 class Api(flask_smorest.Api):
     ERROR_SCHEMA = ErrorSchema
+    # Each operation lists the error statuses it can answer; no catch-all "default".
+    DEFAULT_ERROR_RESPONSE_NAME = None
 
     def _register_error_handlers(self) -> None:
         """The app's own handlers (errors.init_app) answer every error."""
@@ -78,12 +80,16 @@ def _package_dir(package: str, *parts: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)), *parts)
 
 
+_STATIC = Path(__file__).resolve().parent / "static"
+
+# The Swagger UI page (templates/swagger_ui.html) loads {url}swagger-ui.css, -bundle.js,
+# -standalone-preset.js and our initializer; ReDoc's page loads redoc.standalone.js.
 ASSETS = {
-    # flask-smorest's Swagger UI page loads {url}swagger-ui.css, -bundle.js, -standalone-preset.js
-    "swagger-ui.css": ("flask_openapi3_swagger", "templates/swagger/css"),
-    "swagger-ui-bundle.js": ("flask_openapi3_swagger", "templates/swagger/js"),
-    "swagger-ui-standalone-preset.js": ("flask_openapi3_swagger", "templates/swagger/js"),
-    "redoc.standalone.js": ("flask_openapi3_redoc", "templates/redoc/js"),
+    "swagger-ui.css": lambda: _package_dir("flask_openapi3_swagger", "templates/swagger/css"),
+    "swagger-ui-bundle.js": lambda: _package_dir("flask_openapi3_swagger", "templates/swagger/js"),
+    "swagger-ui-standalone-preset.js": lambda: _package_dir("flask_openapi3_swagger", "templates/swagger/js"),
+    "swagger-initializer.js": lambda: _STATIC,
+    "redoc.standalone.js": lambda: _package_dir("flask_openapi3_redoc", "templates/redoc/js"),
 }
 
 assets = FlaskBlueprint("docs_assets", __name__, url_prefix="/docs-assets")
@@ -93,8 +99,7 @@ assets = FlaskBlueprint("docs_assets", __name__, url_prefix="/docs-assets")
 def asset(name: str):
     if name not in ASSETS:
         raise NotFound()
-    package, folder = ASSETS[name]
-    return send_from_directory(_package_dir(package, folder), name, max_age=86400)
+    return send_from_directory(ASSETS[name](), name, max_age=86400)
 
 
 def openapi_config() -> dict[str, Any]:

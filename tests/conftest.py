@@ -34,6 +34,30 @@ TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "").strip()
 _counter = itertools.count()
 
 
+# Heavier suites run only when asked for (`.ci/run` asks for all of them):
+#   pytest --with timing --with fuzz
+HEAVY_MARKERS = ("timing", "fuzz")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--with",
+        action="append",
+        default=[],
+        choices=HEAVY_MARKERS,
+        dest="with_markers",
+        help="also run the tests of a heavier suite (repeatable)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    wanted = set(config.getoption("with_markers"))
+    for item in items:
+        for marker in HEAVY_MARKERS:
+            if marker in item.keywords and marker not in wanted:
+                item.add_marker(pytest.mark.skip(reason=f"{marker} suite: run with --with {marker} (.ci/run does)"))
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     if TEST_DATABASE_URL:
         return [f"PostgreSQL: tests run on {make_url(TEST_DATABASE_URL).render_as_string(hide_password=True)}"]

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import threading
-import urllib.error
-import urllib.request
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from helpers import PASSWORD, live_server
+from helpers import PASSWORD, live_server, post_json
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
@@ -41,17 +38,6 @@ def test_database_enforces_case_insensitive_uniqueness(app):
         assert db.session.scalar(select(func.count()).select_from(User)) == 1
 
 
-def post(url: str, body: dict) -> int:
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status
-    except urllib.error.HTTPError as error:
-        return error.code
-
-
 def test_concurrent_registrations_of_one_email(app, backend):
     if backend != "postgresql":
         pytest.skip("the race is shown on PostgreSQL; SQLite serialises writers")
@@ -62,12 +48,8 @@ def test_concurrent_registrations_of_one_email(app, backend):
 
         def register(i: int) -> None:
             barrier.wait()
-            results.append(
-                post(
-                    f"{base}/auth/register",
-                    {"email": "race@example.com", "username": f"racer{i}", "password": PASSWORD},
-                )
-            )
+            body = {"email": "race@example.com", "username": f"racer{i}", "password": PASSWORD}
+            results.append(post_json(f"{base}/auth/register", body)[0])
 
         threads = [threading.Thread(target=register, args=(i,)) for i in range(8)]
         for t in threads:

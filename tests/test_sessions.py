@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import threading
-import urllib.request
 from datetime import UTC, datetime, timedelta
 
 import jwt
 import pytest
-from helpers import PASSWORD, SECRET, assert_error, bearer, live_server
+from helpers import PASSWORD, SECRET, assert_error, bearer, live_server, post_json
 from sqlalchemy import func, select, update
 
 from authapp.extensions import db
@@ -107,15 +105,8 @@ def test_parallel_refreshes_never_branch(app, backend, tokens):
             barrier = threading.Barrier(4)
 
             def worker(token=token, results=results, barrier=barrier) -> None:
-                request = urllib.request.Request(
-                    f"{base}/auth/refresh",
-                    data=json.dumps({"refresh_token": token}).encode(),
-                    headers={"Content-Type": "application/json"},
-                    method="POST",
-                )
                 barrier.wait()
-                with urllib.request.urlopen(request, timeout=30) as response:
-                    results.append((response.status, json.loads(response.read())))
+                results.append(post_json(f"{base}/auth/refresh", {"refresh_token": token}))
 
             threads = [threading.Thread(target=worker) for _ in range(4)]
             for t in threads:

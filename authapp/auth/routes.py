@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from http import HTTPStatus
 
 from flask import g
 from flask_jwt_extended import current_user, jwt_required
 from marshmallow import Schema
 
+from .. import ratelimit
+from ..extensions import limiter
 from ..openapi import BEARER, Blueprint
 from ..schemas import (
     ChangePasswordSchema,
@@ -23,51 +26,59 @@ from . import service
 
 blp = Blueprint("auth", __name__, url_prefix="/auth", description="Registration, login, tokens and sessions")
 
-TOKEN_ERRORS = "MISSING_TOKEN, INVALID_TOKEN, TOKEN_EXPIRED, TOKEN_REVOKED, USER_INACTIVE"
+
+def errors(*statuses: int) -> Callable:
+    """Document error answers in the envelope, besides the 500 and 503 every route may give."""
+
+    def decorate(view: Callable) -> Callable:
+        for status in (*statuses, 500, 503):
+            view = blp.alt_response(status, response=HTTPStatus(status).name)(view)
+        return view
+
+    return decorate
 
 
 def json_body(schema: type[Schema], *, required: bool = True) -> Callable:
     """Parse and document a JSON body, with its 400, 413 and 415 answers."""
 
     def decorate(view: Callable) -> Callable:
-        view = blp.arguments(schema, required=required)(view)
-        view = blp.alt_response(413, response="REQUEST_ENTITY_TOO_LARGE")(view)
-        return blp.alt_response(415, response="UNSUPPORTED_MEDIA_TYPE")(view)
+        return errors(413, 415)(blp.arguments(schema, required=required)(view))
 
     return decorate
 
 
 def authenticated(view: Callable) -> Callable:
-    """Require a live access token, and document the bearer scheme and its 401s."""
-    view = blp.alt_response(401, response="UNAUTHORIZED", description=TOKEN_ERRORS)(view)
+    """Require a live access token, and document the bearer scheme and its 401."""
+    view = errors(401)(view)
     view = blp.doc(security=BEARER)(view)
     return jwt_required()(view)
 
 
 @blp.post("/register")
+@limiter.limit(ratelimit.register_limit)
 @json_body(RegisterSchema)
 @blp.response(201, TokenResponseSchema)
-@blp.alt_response(409, response="CONFLICT", description="USER_ALREADY_EXISTS")
+@errors(409, 429)
 def register(data):
     """Create an account and start a session."""
     return service.register(**data)
 
 
 @blp.post("/login")
+@limiter.limit(ratelimit.login_limit)
 @json_body(LoginSchema)
 @blp.response(200, TokenResponseSchema)
-@blp.alt_response(401, response="UNAUTHORIZED", description="INVALID_CREDENTIALS")
+@errors(401, 429)
 def login(data):
     """Log in by email or by username; starts a session."""
     return service.login(**data)
 
 
 @blp.post("/refresh")
+@limiter.limit(ratelimit.refresh_limit)
 @json_body(RefreshSchema)
 @blp.response(200, TokenResponseSchema)
-@blp.alt_response(
-    401, response="UNAUTHORIZED", description="INVALID_TOKEN, TOKEN_EXPIRED, TOKEN_REVOKED, USER_INACTIVE"
-)
+@errors(401, 429)
 def refresh(data):
     """Rotate a refresh token: a new access and refresh token in the same session."""
     return service.refresh(data["refresh_token"])
@@ -118,7 +129,7 @@ def sessions():
 @blp.delete("/sessions/<string:session_id>")
 @authenticated
 @blp.response(204)
-@blp.alt_response(404, response="NOT_FOUND", description="Another user's or an unknown session")
+@errors(404)
 def delete_session(session_id):
     """Revoke one of the user's sessions."""
     service.delete_session(current_user, session_id, g.session_id)

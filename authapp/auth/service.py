@@ -16,9 +16,10 @@ from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from .. import audit
+from .. import audit, ratelimit
 from ..database import unit_of_work
 from ..errors import (
+    AppError,
     InvalidCredentials,
     InvalidToken,
     NotFound,
@@ -57,13 +58,11 @@ def _rounds() -> int:
     return _config("BCRYPT_ROUNDS")
 
 
-def user_query(identifier: str):
-    """A user by email, username (both without regard to case) or numeric id."""
-    folded = identifier.strip().lower()
-    conditions = [func.lower(User.email) == folded, func.lower(User.username) == folded]
-    if folded.isdigit():
-        conditions.append(User.id == int(folded))
-    return select(User).where(or_(*conditions))
+def user_query(*, email: str | None = None, username: str | None = None):
+    """A user by email or by username, both without regard to case (an index on each)."""
+    if email is not None:
+        return select(User).where(func.lower(User.email) == email.strip().lower())
+    return select(User).where(func.lower(User.username) == (username or "").strip().lower())
 
 
 # -- Sessions -----------------------------------------------------------------------------
@@ -156,19 +155,29 @@ def register(email: str, username: str, password: str) -> dict[str, Any]:
 def login(password: str, email: str | None = None, username: str | None = None) -> dict[str, Any]:
     """Check credentials and start a session; every failure looks and costs the same."""
     with unit_of_work() as db:
-        user = db.scalar(user_query(email if email is not None else username or ""))
+        user = db.scalar(user_query(email=email, username=username))
+    account = ratelimit.account_key(user.id if user else None, email if email is not None else username or "")
+    try:
+        ratelimit.check_not_locked(account)
+    except AppError:
+        audit.record(audit.LOGIN_LOCKED, user_id=user.id if user else None)
+        raise
 
     if user is None:
         # Same bcrypt work as a wrong password, so timing does not reveal the account.
         passwords.verify_password(password, passwords.dummy_hash(_rounds()))
-        audit.record(audit.LOGIN_FAILURE, reason="unknown_user")
+        reason = "unknown_user"
+    elif not passwords.verify_password(password, user.hashed_password):
+        reason = "wrong_password"
+    elif not user.is_active:
+        reason = "inactive_user"
+    else:
+        reason = None
+    if reason is not None:
+        ratelimit.record_failure(account)
+        audit.record(audit.LOGIN_FAILURE, user_id=user.id if user else None, reason=reason)
         raise InvalidCredentials()
-    if not passwords.verify_password(password, user.hashed_password):
-        audit.record(audit.LOGIN_FAILURE, user_id=user.id, reason="wrong_password")
-        raise InvalidCredentials()
-    if not user.is_active:
-        audit.record(audit.LOGIN_FAILURE, user_id=user.id, reason="inactive_user")
-        raise InvalidCredentials()
+    ratelimit.clear_failures(account)
 
     now = utcnow()
     values: dict[str, Any] = {"last_login": now}
@@ -349,9 +358,13 @@ def delete_session(user: User, session_id: str, current_sid: str | None = None) 
 
 
 def find_user(identifier: str) -> User:
-    """The user named by email, username or id; NotFound otherwise."""
+    """The user named by id, email or username (in that order); NotFound otherwise."""
+    identifier = identifier.strip()
     with unit_of_work() as db:
-        user = db.scalar(user_query(identifier))
+        user = db.get(User, int(identifier)) if identifier.isdigit() else None
+        if user is None:
+            by_email = "@" in identifier
+            user = db.scalar(user_query(email=identifier if by_email else None, username=identifier))
     if user is None:
         raise NotFound(f"No user matches {identifier!r}")
     return user

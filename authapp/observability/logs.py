@@ -34,16 +34,20 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+# Our own loggers, and those of libraries whose messages an operator needs to see.
+LOGGERS = ("authapp", "flask-limiter")
+
+
 def configure(level: str) -> None:
-    """Send the `authapp` loggers to stderr as JSON; safe to call once per app."""
-    logger = logging.getLogger("authapp")
-    logger.setLevel(level)
-    logger.propagate = False
-    if any(h.get_name() == _HANDLER_NAME for h in logger.handlers):
-        return
-    handler = make_handler(None)
-    handler.set_name(_HANDLER_NAME)
-    logger.addHandler(handler)
+    """Send our loggers to stderr as JSON lines; safe to call once per app."""
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        logger.propagate = False
+        if not any(h.get_name() == _HANDLER_NAME for h in logger.handlers):
+            handler = make_handler(None)
+            handler.set_name(_HANDLER_NAME)
+            logger.addHandler(handler)
 
 
 def make_handler(stream: IO[str] | None) -> logging.Handler:
