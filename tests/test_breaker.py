@@ -12,8 +12,11 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from sqlalchemy import text
 
+from authapp import database
 from authapp.breaker import BreakerOpen, CircuitBreaker, State
+from authapp.extensions import db
 
 CLOSED, OPEN, HALF_OPEN = State.CLOSED, State.OPEN, State.HALF_OPEN
 ALLOWED_EDGES = {(CLOSED, OPEN), (OPEN, HALF_OPEN), (HALF_OPEN, CLOSED), (HALF_OPEN, OPEN)}
@@ -365,3 +368,35 @@ def test_16_threads_hammering_it_keep_the_state_machine_whole(clock, transitions
     for edge in ALLOWED_EDGES:
         assert counted[f"{edge[0].value}->{edge[1].value}"] == transitions.count(edge)
     assert breaker.stats()["rejected_calls"] == sum(refused)
+
+
+# -- In the app: what counts, and what must go through it -----------------------------
+
+
+@pytest.fixture
+def settings():
+    return {"CIRCUIT_BREAKER_THRESHOLD": "2"}
+
+
+def test_conflicts_and_validation_errors_never_count(app, client, register):
+    register(username="alice", email="alice@example.com")
+    body = {"email": "alice@example.com", "username": "alice", "password": "violet-harbor-cactus-42"}
+    wrong = {"username": "alice", "password": "wrong-one!"}
+    for _ in range(5):
+        assert client.post("/auth/register", json=body).status_code == 409
+        assert client.post("/auth/register", json={"email": "nope"}).status_code == 400
+        assert client.post("/auth/login", json=wrong).status_code == 401
+    with app.app_context():
+        stats = database.breaker().stats()
+    assert stats["state"] == "closed" and stats["consecutive_failures"] == 0 and stats["transitions"] == {}
+
+
+def test_a_request_that_bypasses_unit_of_work_is_caught(app, outside_unit_of_work):
+    def sneaky():
+        db.session.execute(text("SELECT 1"))
+        return {"ok": True}
+
+    app.add_url_rule("/sneaky", view_func=sneaky)
+    assert app.test_client().get("/sneaky").status_code == 200
+    assert [r.getMessage() for r in outside_unit_of_work] == ["database used outside unit_of_work()"]
+    outside_unit_of_work.clear()  # provoked on purpose
