@@ -113,6 +113,8 @@ SETTINGS: dict[str, tuple[Callable[[str, str], Any], str | None]] = {
     "REFRESH_TOKEN_REUSE_INTERVAL": (_int(0, 300), "10"),
     "LOG_LEVEL": (_choice(LOG_LEVELS, upper=True), "INFO"),
     "DATABASE_MAX_POOL_SIZE": (_int(1, 1000), "20"),
+    "DATABASE_CONNECT_TIMEOUT": (_int(1, 300), "5"),
+    "DATABASE_STATEMENT_TIMEOUT_MS": (_int(0, 3_600_000), "5000"),
     "CIRCUIT_BREAKER_THRESHOLD": (_int(1, 1000), "5"),
     "CIRCUIT_BREAKER_TIMEOUT": (_int(1, 3600), "60"),
     "CIRCUIT_BREAKER_HALF_OPEN_MAX_CALLS": (_int(1, 1000), "1"),
@@ -128,6 +130,35 @@ SETTINGS: dict[str, tuple[Callable[[str, str], Any], str | None]] = {
     "LOGIN_MAX_FAILURES": (_int(1, 10_000), "10"),
     "LOGIN_FAILURE_WINDOW": (_int(1, 86_400), "900"),
 }
+
+
+# Connections older than this are replaced (pool_pre_ping catches the dead ones sooner).
+POOL_RECYCLE_SECONDS = 1800
+
+
+def engine_options(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """SQLAlchemy engine options for PostgreSQL: at most DATABASE_MAX_POOL_SIZE connections,
+    each checked before use, with connect and statement timeouts. SQLite (one file, no
+    network) keeps Flask-SQLAlchemy's defaults."""
+    url = settings.get("DATABASE_URL")
+    if not url or not url.startswith("postgresql"):
+        return {}
+    # These replace the same parameters in DATABASE_URL's query string, so that the
+    # client-side deadlines (authapp.database) and libpq's agree.
+    connect_args = {
+        "connect_timeout": settings["DATABASE_CONNECT_TIMEOUT"],
+        "options": f"-c statement_timeout={settings['DATABASE_STATEMENT_TIMEOUT_MS']}",
+        "application_name": "authapp",
+    }
+    return {
+        "pool_pre_ping": True,
+        "pool_size": settings["DATABASE_MAX_POOL_SIZE"],
+        "max_overflow": 0,
+        # Waiting for a free pooled connection is bounded like waiting for a new one.
+        "pool_timeout": settings["DATABASE_CONNECT_TIMEOUT"],
+        "pool_recycle": POOL_RECYCLE_SECONDS,
+        "connect_args": connect_args,
+    }
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -175,6 +206,7 @@ def build_flask_config(settings: Mapping[str, Any]) -> dict[str, Any]:
         "JWT_REFRESH_TOKEN_EXPIRES": timedelta(days=settings["REFRESH_TOKEN_EXPIRE_DAYS"]),
         "JWT_TOKEN_LOCATION": ["headers"],
         "SQLALCHEMY_DATABASE_URI": settings.get("DATABASE_URL"),
+        "SQLALCHEMY_ENGINE_OPTIONS": engine_options(settings),
         "MAX_CONTENT_LENGTH": 64 * 1024,
         "RATELIMIT_HEADERS_ENABLED": False,
         # Tokens travel in the Authorization header only, so no CSRF claim is needed.

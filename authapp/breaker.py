@@ -5,6 +5,10 @@ OPEN: calls are refused at once until `timeout` seconds have passed.
 HALF_OPEN: up to `half_open_max_calls` trial calls go through; a success closes the
 breaker, a failure opens it again. Only failures to reach the database count; a query
 the database answered (even with an error such as a unique violation) is a success.
+
+Every transition is logged (`event: breaker_transition`) and passed to the listeners
+(`on_transition`, `add_listener`), so a metrics exporter can count them; `stats()` gives
+the current state and the counters since start.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ import logging
 import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 log = logging.getLogger("authapp.breaker")
 
@@ -34,7 +40,12 @@ class BreakerOpen(Exception):
         self.retry_after = retry_after
 
 
+Listener = Callable[[State, State], None]
+
+
 class CircuitBreaker:
+    """One per process, shared by its threads; every method may be called from any thread."""
+
     def __init__(
         self,
         threshold: int,
@@ -43,19 +54,39 @@ class CircuitBreaker:
         *,
         clock: Callable[[], float] = time.monotonic,
         is_failure: Callable[[BaseException], bool] = lambda exc: True,
-        on_transition: Callable[[State, State], None] | None = None,
+        on_transition: Listener | None = None,
     ) -> None:
         self.threshold = threshold
         self.timeout = timeout
         self.half_open_max_calls = half_open_max_calls
         self._clock = clock
         self._is_failure = is_failure
-        self._on_transition = on_transition
-        self._lock = threading.Lock()
+        self._listeners: list[Listener] = [on_transition] if on_transition is not None else []
+        # Re-entrant: a listener runs under the lock (so listeners see transitions in
+        # order) and may read `state` or `stats()`.
+        self._lock = threading.RLock()
         self._state = State.CLOSED
         self._failures = 0
         self._opened_at = 0.0
         self._trials = 0
+        self._rejected = 0
+        self._transitions: Counter[tuple[State, State]] = Counter()
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call `listener(old, new)` on every transition; it must be quick (a counter bump)."""
+        with self._lock:
+            self._listeners.append(listener)
+
+    def stats(self) -> dict[str, Any]:
+        """The state and counters since start, for metrics and the health check."""
+        with self._lock:
+            self._advance()
+            return {
+                "state": self._state.value,
+                "consecutive_failures": self._failures,
+                "rejected_calls": self._rejected,
+                "transitions": {f"{a.value}->{b.value}": n for (a, b), n in self._transitions.items()},
+            }
 
     @property
     def state(self) -> State:
@@ -65,20 +96,31 @@ class CircuitBreaker:
 
     def _advance(self) -> None:
         if self._state is State.OPEN and self._clock() - self._opened_at >= self.timeout:
-            self._move(State.HALF_OPEN)
             self._trials = 0
+            self._move(State.HALF_OPEN)
 
     def _move(self, new: State) -> None:
         old, self._state = self._state, new
-        if old is not new:
-            log.warning(
-                "circuit breaker %s -> %s",
-                old.value,
-                new.value,
-                extra={"event": "breaker_transition", "from_state": old.value, "to_state": new.value},
-            )
-            if self._on_transition is not None:
-                self._on_transition(old, new)
+        if old is new:
+            return
+        self._transitions[old, new] += 1
+        log.warning(
+            "circuit breaker %s -> %s",
+            old.value,
+            new.value,
+            extra={
+                "event": "breaker_transition",
+                "from_state": old.value,
+                "to_state": new.value,
+                "transitions_total": self._transitions[old, new],
+            },
+        )
+        for listener in self._listeners:
+            try:
+                listener(old, new)
+            except Exception:
+                # A broken metrics hook must not break the breaker or the request.
+                log.exception("circuit breaker listener failed", extra={"event": "breaker_listener_error"})
 
     def _retry_after(self) -> int:
         return max(1, math.ceil(self.timeout - (self._clock() - self._opened_at)))
@@ -88,9 +130,11 @@ class CircuitBreaker:
         with self._lock:
             self._advance()
             if self._state is State.OPEN:
+                self._rejected += 1
                 raise BreakerOpen(self._retry_after())
             if self._state is State.HALF_OPEN:
                 if self._trials >= self.half_open_max_calls:
+                    self._rejected += 1
                     raise BreakerOpen(1)
                 self._trials += 1
 
@@ -105,10 +149,11 @@ class CircuitBreaker:
         with self._lock:
             if self._state is State.HALF_OPEN:
                 self._open()
-                return
-            self._failures += 1
-            if self._state is State.CLOSED and self._failures >= self.threshold:
-                self._open()
+            elif self._state is State.CLOSED:
+                self._failures += 1
+                if self._failures >= self.threshold:
+                    self._open()
+            # OPEN: a call admitted before the breaker opened failed late; it is open already.
 
     def _open(self) -> None:
         self._opened_at = self._clock()

@@ -1,13 +1,24 @@
 """The one session scope through which every unit of work reaches the database,
-guarded by the process's circuit breaker."""
+guarded by the process's circuit breaker, and the engine's behaviour when the database
+is slow, hung or gone: deadlines on PostgreSQL I/O, no connection across a fork."""
 
 from __future__ import annotations
 
 import logging
+import os
+import select
+import socket
+import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
+from functools import cache
+from typing import Any
 
-from flask import Flask, current_app
+from flask import Flask, current_app, has_request_context
+from sqlalchemy import event
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
@@ -20,6 +31,9 @@ log = logging.getLogger("authapp.database")
 
 RETRY_AFTER_SECONDS = "5"
 _EXTENSION = "authapp.breaker"
+_in_unit_of_work: ContextVar[bool] = ContextVar("authapp_in_unit_of_work", default=False)
+# Every engine this process made, so that a forked child can drop what it inherited.
+_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
 def is_connectivity_error(exc: BaseException) -> bool:
@@ -43,6 +57,7 @@ def unit_of_work() -> Iterator[Session]:
     after the rollback.
     """
     session = db.session
+    scope = _in_unit_of_work.set(True)
     try:
         with breaker().guard():
             try:
@@ -58,6 +73,113 @@ def unit_of_work() -> Iterator[Session]:
             log.error("database unavailable", extra={"event": "database_error", "error": type(exc).__name__})
             raise ServiceUnavailable(headers={"Retry-After": RETRY_AFTER_SECONDS}) from exc
         raise
+    finally:
+        _in_unit_of_work.reset(scope)
+
+
+def _check_scope(conn, cursor, statement, parameters, context, executemany) -> None:
+    """A request that reaches the database outside `unit_of_work()` bypasses the breaker."""
+    if has_request_context() and not _in_unit_of_work.get():
+        log.error("database used outside unit_of_work()", extra={"event": "database_outside_unit_of_work"})
+
+
+# -- Deadlines on PostgreSQL I/O ------------------------------------------------------
+#
+# libpq waits forever for a server that accepted a connection and then went silent (a
+# frozen server, a network that drops packets): statement_timeout is enforced by the
+# server, so it cannot help, and TCP keepalives cannot tell a frozen process from an idle
+# one. psycopg2 lets a "wait callback" do every wait on the socket; this one gives each
+# wait a deadline and, when it passes, shuts the socket down, so that libpq reports a lost
+# connection, psycopg2 marks it closed and SQLAlchemy drops it from the pool. Only
+# connections made by `deadline_connection()` classes get a deadline; any other
+# psycopg2 connection in the process waits as before.
+
+
+def _wait_with_deadline(conn: Any, *_: Any) -> None:
+    import psycopg2.extensions as pg
+
+    established = conn.status in (pg.STATUS_READY, pg.STATUS_BEGIN, pg.STATUS_PREPARED)
+    timeout = getattr(conn, "io_timeout" if established else "connect_timeout", None)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        state = conn.poll()
+        if state == pg.POLL_OK:
+            return
+        if state not in (pg.POLL_READ, pg.POLL_WRITE):
+            raise conn.OperationalError(f"bad state from poll: {state}")
+        # poll(), not select(): a busy worker may hold descriptors above FD_SETSIZE.
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN if state == pg.POLL_READ else select.POLLOUT)
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic()) * 1000
+        if not poller.poll(remaining):
+            log.error(
+                "database did not answer within %ss; dropping the connection",
+                timeout,
+                extra={"event": "database_timeout", "phase": "query" if established else "connect"},
+            )
+            # Shut down our side: the next poll() fails as a lost connection would.
+            with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+            deadline = None
+
+
+@cache
+def deadline_connection(connect_timeout: float, io_timeout: float | None) -> type:
+    """A psycopg2 connection class whose waits end after `connect_timeout` seconds while
+    connecting and `io_timeout` seconds per operation after that (None: no limit)."""
+    import psycopg2.extensions as pg
+
+    return type(
+        "DeadlineConnection",
+        (pg.connection,),
+        {"connect_timeout": connect_timeout, "io_timeout": io_timeout, "__module__": __name__},
+    )
+
+
+def _install_wait_callback() -> None:
+    import psycopg2.extensions as pg
+
+    current = pg.get_wait_callback()
+    if current is None:
+        pg.set_wait_callback(_wait_with_deadline)
+    elif current is not _wait_with_deadline:
+        log.warning(
+            "another psycopg2 wait callback is installed (gevent?); database deadlines are off",
+            extra={"event": "database_deadlines_off"},
+        )
+
+
+def _apply_deadlines(app: Flask) -> None:
+    """Give the PostgreSQL engine's connections their deadlines (SQLite has no network)."""
+    options = app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {})
+    url = make_url(app.config["SQLALCHEMY_DATABASE_URI"])
+    if url.get_backend_name() != "postgresql" or url.get_driver_name() != "psycopg2":
+        return
+    connect_timeout = app.config["DATABASE_CONNECT_TIMEOUT"]
+    statement_ms = app.config["DATABASE_STATEMENT_TIMEOUT_MS"]
+    # The server cancels a slow statement first (a clean error, the connection kept);
+    # the client gives up only when the server has not answered even that.
+    io_timeout = statement_ms / 1000 + connect_timeout if statement_ms else None
+    connect_args = options.setdefault("connect_args", {})
+    connect_args.setdefault("connection_factory", deadline_connection(connect_timeout, io_timeout))
+    _install_wait_callback()
+
+
+# -- Fork safety ----------------------------------------------------------------------
+
+
+def dispose_after_fork() -> None:
+    """In a forked child, forget the pooled connections inherited from the parent without
+    closing them (they are the parent's), so that the child opens its own.
+
+    Runs by itself after `os.fork()` (gunicorn, multiprocessing); under uWSGI without
+    `lazy-apps`, call it from a `uwsgidecorators.postfork` hook.
+    """
+    for engine in list(_engines):
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=dispose_after_fork)
 
 
 def init_app(app: Flask) -> None:
@@ -68,4 +190,9 @@ def init_app(app: Flask) -> None:
         half_open_max_calls=app.config["CIRCUIT_BREAKER_HALF_OPEN_MAX_CALLS"],
         is_failure=is_connectivity_error,
     )
+    _apply_deadlines(app)
     db.init_app(app)
+    with app.app_context():
+        for engine in db.engines.values():
+            _engines.add(engine)
+            event.listen(engine, "before_cursor_execute", _check_scope)

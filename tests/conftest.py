@@ -10,6 +10,7 @@ id in their name and are dropped at the end.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import shutil
 import uuid
@@ -225,3 +226,40 @@ def later(monkeypatch) -> Callable[[int], None]:
         monkeypatch.setattr(service, "utcnow", lambda: real() + timedelta(seconds=seconds))
 
     return move
+
+
+@pytest.fixture
+def pg_database_url(request, tmp_path) -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database (for tests that exist only on PostgreSQL)."""
+    if not TEST_DATABASE_URL:
+        pytest.skip("PostgreSQL skipped: TEST_DATABASE_URL not set")
+    with fresh_database("postgresql", request, tmp_path) as url:
+        yield url
+
+
+# -- Every request reaches the database through unit_of_work() -----------------------
+
+
+class _EventRecorder(logging.Handler):
+    def __init__(self, event: str) -> None:
+        super().__init__()
+        self.event = event
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "event", None) == self.event:
+            self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def outside_unit_of_work() -> Iterator[list[logging.LogRecord]]:
+    """Fails any test during which a request used the database outside unit_of_work(),
+    where the breaker cannot see it. A test that provokes it on purpose clears the list."""
+    recorder = _EventRecorder("database_outside_unit_of_work")
+    logger = logging.getLogger("authapp.database")
+    logger.addHandler(recorder)
+    try:
+        yield recorder.records
+    finally:
+        logger.removeHandler(recorder)
+    assert recorder.records == [], "a request used the database outside unit_of_work()"
