@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 5000
 PYTEST_ARGS ?=
 
-.PHONY: run test lint format install install-dev clean
+.PHONY: run test browser lint format install install-dev clean
 
 $(BIN)/.runtime: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ run: install
 ## test: install, run the whole suite (PostgreSQL too when TEST_DATABASE_URL is set)
 test: install-dev
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+## browser: install, run the browser suite (tests/browser) in headless Debian chromium; fails if any of it is skipped
+browser: install-dev
+	BROWSER_TESTS=1 $(BIN)/pytest -m browser tests/browser $(PYTEST_ARGS)
 
 lint: install-dev
 	$(BIN)/ruff check .

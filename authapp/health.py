@@ -9,13 +9,24 @@ from .errors import AppError
 from .openapi import Blueprint, version
 from .schemas import HealthSchema, LivenessSchema
 from .timeutil import iso_now
+from .version import __version__
 
 blp = Blueprint("health", __name__, url_prefix="/health", description="Health checks")
 
 
 @blp.get("")
 @blp.response(200, HealthSchema)
-@blp.alt_response(503, schema=HealthSchema, description="unhealthy: the database cannot be reached")
+@blp.alt_response(
+    503,
+    schema=HealthSchema,
+    description="unhealthy: the database cannot be reached",
+    example={
+        "status": "unhealthy",
+        "timestamp": "2024-01-15T10:30:45.123Z",
+        "version": __version__,
+        "checks": {"database": "error", "circuit_breaker": "open"},
+    },
+)
 @blp.alt_response(500, response="INTERNAL_SERVER_ERROR")
 def health():
     """Readiness: 200 when the database answers, 503 when it does not."""

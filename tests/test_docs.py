@@ -55,3 +55,17 @@ def test_doc_pages_use_only_local_assets(client, page):
 def test_unknown_asset_is_404(client):
     assert client.get("/docs-assets/../../config.py").status_code == 404
     assert client.get("/docs-assets/evil.js").status_code == 404
+
+
+def test_redoc_bundle_loads_nothing_from_a_cdn(client):
+    """ReDoc's menu footer would fetch Redocly's logo from its CDN; the app serves it without."""
+    response = client.get("/docs-assets/redoc.standalone.js")
+    assert response.status_code == 200
+    assert response.mimetype == "text/javascript"
+    body = response.get_data(as_text=True)
+    assert len(body) > 100_000 and "Redoc" in body
+    assert "cdn.redoc.ly" not in body
+    assert (
+        client.get("/docs-assets/redoc.standalone.js", headers={"If-None-Match": response.headers["ETag"]}).status_code
+        == 304
+    )
