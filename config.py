@@ -140,9 +140,11 @@ def engine_options(settings: Mapping[str, Any]) -> dict[str, Any]:
     """SQLAlchemy engine options for PostgreSQL: at most DATABASE_MAX_POOL_SIZE connections,
     each checked before use, with connect and statement timeouts. SQLite (one file, no
     network) keeps Flask-SQLAlchemy's defaults."""
+    # SQL parameters never reach an error message or a log line: they hold password hashes.
+    common = {"hide_parameters": True}
     url = settings.get("DATABASE_URL")
     if not url or not url.startswith("postgresql"):
-        return {}
+        return common
     # These replace the same parameters in DATABASE_URL's query string, so that the
     # client-side deadlines (authapp.database) and libpq's agree.
     connect_args = {
@@ -151,6 +153,7 @@ def engine_options(settings: Mapping[str, Any]) -> dict[str, Any]:
         "application_name": "authapp",
     }
     return {
+        **common,
         "pool_pre_ping": True,
         "pool_size": settings["DATABASE_MAX_POOL_SIZE"],
         "max_overflow": 0,

@@ -13,11 +13,11 @@ from typing import Any, NoReturn
 import flask_smorest
 import marshmallow as ma
 from flask import Blueprint as FlaskBlueprint
-from flask import Flask, Request, send_file, send_from_directory
+from flask import Flask, Request, current_app, request, send_file, send_from_directory
 from webargs import core
 from webargs.flaskparser import FlaskParser, is_json_request
 
-from .errors import NotFound, UnsupportedMediaType, ValidationFailed
+from .errors import NotFound, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
 from .schemas import ErrorSchema
 from .version import __version__
 
@@ -48,6 +48,8 @@ class JSONBodyParser(FlaskParser):
             data = core.parse_json(raw)
         except ValueError:  # JSONDecodeError, including bytes that are not UTF-8
             raise ValidationFailed(errors={"_body": ["Malformed JSON."]}) from None
+        except RecursionError:  # "[[[[..." nested deeper than the parser can follow
+            raise ValidationFailed(errors={"_body": ["The JSON body is nested too deeply."]}) from None
         if not isinstance(data, dict):
             raise ValidationFailed(errors={"_body": ["The body must be a JSON object."]})
         return data
@@ -137,7 +139,23 @@ def version() -> str:
     return __version__
 
 
+def check_body() -> None:
+    """Every body, read or not: at most MAX_CONTENT_LENGTH (413), JSON when present (415).
+
+    Endpoints that parse a body get the same answers from the parser; this covers the
+    ones that take none (logout-all, GET, DELETE), so a body there is refused the same way.
+    """
+    length = request.content_length
+    if length is None or length == 0:
+        return
+    if length > current_app.config["MAX_CONTENT_LENGTH"]:
+        raise PayloadTooLarge()
+    if not is_json_request(request):
+        raise UnsupportedMediaType()
+
+
 def init_app(app: Flask, api: Api) -> None:
+    app.before_request(check_body)
     for key, value in openapi_config().items():
         app.config.setdefault(key, value)
     api.init_app(

@@ -79,26 +79,23 @@ def _storage_failed(action: str) -> None:
     )
 
 
-def check_not_locked(key: str) -> None:
-    """Raise RATE_LIMITED (with Retry-After) while the account has too many recent failures."""
+def count_attempt(key: str) -> None:
+    """Count one login attempt on the account before any password is checked, or raise
+    RATE_LIMITED (with Retry-After) when the window is full.
+
+    The count is one atomic hit, so parallel guesses cannot all slip past a check made
+    before any of them is counted; a successful login clears it (`clear_failures`).
+    """
     strategy, item, namespace = _lockout()
     try:
-        if strategy.test(item, namespace, key):
+        if strategy.hit(item, namespace, key):
             return
         reset_at = strategy.get_window_stats(item, namespace, key).reset_time
     except Exception:
-        _storage_failed("test")
+        _storage_failed("hit")
         return
     retry_after = _retry_after(reset_at, item.get_expiry())
     raise RateLimited("Too many failed logins; try again later", headers={"Retry-After": retry_after})
-
-
-def record_failure(key: str) -> None:
-    strategy, item, namespace = _lockout()
-    try:
-        strategy.hit(item, namespace, key)
-    except Exception:
-        _storage_failed("hit")
 
 
 def clear_failures(key: str) -> None:

@@ -13,7 +13,7 @@ from marshmallow import Schema, ValidationError, fields, validates_schema
 from .auth import passwords
 from .timeutil import iso
 
-USERNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{3,50}$")
+USERNAME_RE = re.compile(r"[A-Za-z0-9_.-]{3,50}")
 EMAIL_MAX_LENGTH = 100
 
 
@@ -24,34 +24,59 @@ class Timestamp(fields.DateTime):
         return None if value is None else iso(value)
 
 
-class Email(fields.String):
-    """An email address: trimmed, syntax-checked, at most 100 characters, lowercased."""
+class Text(fields.String):
+    """A string that can be stored and hashed: valid Unicode (no lone surrogates, which
+    JSON can carry but UTF-8 cannot), and no NUL unless `allow_nul` (PostgreSQL refuses
+    NUL in text)."""
+
+    def __init__(self, *args: Any, allow_nul: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.allow_nul = allow_nul
+
+    def _deserialize(self, value, attr, data, **kwargs) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValidationError("Not valid Unicode text (lone surrogate).") from None
+        if not self.allow_nul and "\x00" in text:
+            raise ValidationError("Must not contain NUL characters.")
+        return text
+
+
+class Email(Text):
+    """An email address: trimmed, syntax-checked, lowercased, then at most 100 characters."""
 
     def _deserialize(self, value, attr, data, **kwargs) -> str:
         text = super()._deserialize(value, attr, data, **kwargs).strip()
         if len(text) > EMAIL_MAX_LENGTH:
             raise ValidationError(f"Email must be at most {EMAIL_MAX_LENGTH} characters.")
         try:
-            normalized = validate_email(text, check_deliverability=False).normalized
+            normalized = validate_email(text, check_deliverability=False).normalized.lower()
         except EmailNotValidError as exc:
             raise ValidationError(f"Not a valid email address: {exc}") from None
+        # Lowercasing can lengthen a string ("İ" becomes two code points): measure after it.
         if len(normalized) > EMAIL_MAX_LENGTH:
             raise ValidationError(f"Email must be at most {EMAIL_MAX_LENGTH} characters.")
-        return normalized.lower()
+        return normalized
 
 
-class Username(fields.String):
+class Username(Text):
     """3 to 50 ASCII letters, digits, `_`, `.` or `-`; case is kept, uniqueness ignores it."""
 
     def _deserialize(self, value, attr, data, **kwargs) -> str:
         text = super()._deserialize(value, attr, data, **kwargs)
-        if not USERNAME_RE.match(text):
+        if not USERNAME_RE.fullmatch(text):
             raise ValidationError("Username must be 3 to 50 characters of letters, digits, '_', '.' or '-'.")
         return text
 
 
-class Password(fields.String):
-    """A password as sent; its policy needs the other fields, so the schema checks it."""
+class Password(Text):
+    """A password as sent (any Unicode, NUL included); its policy needs the other fields,
+    so the schema checks it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, allow_nul=True, **kwargs)
 
     def _deserialize(self, value, attr, data, **kwargs) -> str:
         text = super()._deserialize(value, attr, data, **kwargs)
@@ -86,7 +111,7 @@ class RegisterSchema(Schema):
 
 class LoginSchema(Schema):
     email = Email(metadata={"description": "Give either email or username."})
-    username = fields.String(metadata={"description": "Give either email or username."})
+    username = Text(metadata={"description": "Give either email or username."})
     password = Password(required=True)
 
     @validates_schema
@@ -96,11 +121,11 @@ class LoginSchema(Schema):
 
 
 class RefreshSchema(Schema):
-    refresh_token = fields.String(required=True)
+    refresh_token = Text(required=True)
 
 
 class LogoutSchema(Schema):
-    refresh_token = fields.String(metadata={"description": "Optional: the session of this refresh token is ended too."})
+    refresh_token = Text(metadata={"description": "Optional: the session of this refresh token is ended too."})
 
 
 class ChangePasswordSchema(Schema):

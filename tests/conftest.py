@@ -24,14 +24,12 @@ import psycopg2
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from helpers import PASSWORD, base_settings
+from helpers import PASSWORD, TEST_DATABASE_URL, base_settings
 from sqlalchemy.engine import make_url
 
 from authapp import create_app
 from authapp.extensions import db
 
-TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "").strip()
-TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "").strip()
 _counter = itertools.count()
 
 
@@ -152,6 +150,12 @@ def fresh_database(backend: str, request: pytest.FixtureRequest, tmp_path) -> It
         yield url
     finally:
         pg_drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def database_factory():
+    """`fresh_database` for fixtures of a wider scope than a test (module-scoped servers)."""
+    return fresh_database
 
 
 BACKENDS = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import select
 import socket
@@ -19,6 +20,8 @@ import jwt
 from flask import Flask
 from werkzeug.serving import make_server
 
+TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "").strip()
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "").strip()
 SECRET = "test-secret-key-that-is-long-enough-for-hs512-0123456789abcdefgh"
 PASSWORD = "violet-harbor-cactus-42"
 TIMESTAMP_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")

@@ -14,12 +14,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers import PASSWORD, assert_error, base_settings, bearer, post_json
+from helpers import PASSWORD, TEST_REDIS_URL, assert_error, base_settings, bearer, post_json
 
 from authapp.observability.logs import make_handler
 
 ROOT = Path(__file__).resolve().parent.parent
-TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "").strip()
+
 WRONG = "definitely-wrong-password-1"
 
 
@@ -277,3 +277,37 @@ def test_docs_pages_have_a_strict_policy_and_no_inline_script(client, page):
     for tag in re.findall(r"<script([^>]*)>(.*?)</script>", html, re.S):
         attributes, body = tag
         assert "src=" in attributes or 'type="application/json"' in attributes, tag
+
+
+@pytest.mark.parametrize("settings", [LOCKOUT])
+def test_parallel_guesses_cannot_outrun_the_lockout(app, tokens):
+    """Twenty guesses at once against a real server: at most LOGIN_MAX_FAILURES are checked."""
+    import threading
+
+    from helpers import live_server
+
+    answers: list[int] = []
+    barrier = threading.Barrier(20)
+    with live_server(app) as base:
+
+        def guess() -> None:
+            barrier.wait()
+            answers.append(post_json(f"{base}/auth/login", {"username": "alice", "password": WRONG})[0])
+
+        threads = [threading.Thread(target=guess) for _ in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    assert sorted(answers) == [401] * 3 + [429] * 17
+
+
+@pytest.mark.parametrize("settings", [LOCKOUT])
+def test_change_password_guesses_count_against_the_account(client, tokens):
+    headers = bearer(tokens["access_token"])
+    body = {"current_password": WRONG, "new_password": "granite-meadow-lantern-7"}
+    for _ in range(3):
+        assert_error(client.post("/auth/change-password", headers=headers, json=body), 401, "INVALID_CREDENTIALS")
+    locked = client.post("/auth/change-password", headers=headers, json={**body, "current_password": PASSWORD})
+    assert_error(locked, 429, "RATE_LIMITED")
+    assert_error(login(client), 429, "RATE_LIMITED")

@@ -389,6 +389,26 @@ def test_conflicts_and_validation_errors_never_count(app, client, register):
     assert stats["state"] == "closed" and stats["consecutive_failures"] == 0 and stats["transitions"] == {}
 
 
+def test_errors_the_database_answered_never_count(app):
+    """IntegrityError raised inside unit_of_work(): the database answered, so the breaker
+    records a success, whatever the pre-checks of the routes do."""
+    from sqlalchemy.exc import IntegrityError
+
+    from authapp.models import User
+
+    def duplicate():
+        with database.unit_of_work() as session:
+            session.add(User(email="dup@example.com", username="dup", hashed_password="x"))
+
+    with app.test_request_context():
+        duplicate()
+        for _ in range(5):
+            with pytest.raises(IntegrityError):
+                duplicate()
+        stats = database.breaker().stats()
+    assert stats["state"] == "closed" and stats["consecutive_failures"] == 0 and stats["transitions"] == {}
+
+
 def test_a_request_that_bypasses_unit_of_work_is_caught(app, outside_unit_of_work):
     def sneaky():
         db.session.execute(text("SELECT 1"))

@@ -80,11 +80,18 @@ def test_valid_incoming_request_id_is_kept(client):
     assert response.get_json()["request_id"] == rid
 
 
-@pytest.mark.parametrize("sent", ["hello", "x" * 200, "<script>", "1; DROP TABLE users"])
+@pytest.mark.parametrize(
+    "sent", ["hello", "x" * 200, "<script>", "1; DROP TABLE users", "{12345678-1234-1234-1234-123456789abc}"]
+)
 def test_malformed_incoming_request_id_is_replaced(client, sent):
     response = client.get("/health/live", headers={"X-Request-ID": sent})
     assert response.headers["X-Request-ID"] != sent
     uuid.UUID(response.headers["X-Request-ID"])
+
+
+def test_incoming_request_id_comes_back_unchanged(client):
+    rid = str(uuid.uuid4()).upper()
+    assert client.get("/health/live", headers={"X-Request-ID": rid}).headers["X-Request-ID"] == rid
 
 
 def test_every_response_has_a_request_id(client, tokens):

@@ -501,7 +501,7 @@ def test_statement_timeout_zero_turns_both_deadlines_off(pg_database_url):
 
 def test_sqlite_keeps_its_defaults(tmp_path):
     app = create_app(base_settings(DATABASE_URL=f"sqlite:///{tmp_path}/plain.db"))
-    assert app.config["SQLALCHEMY_ENGINE_OPTIONS"] == {}
+    assert app.config["SQLALCHEMY_ENGINE_OPTIONS"] == {"hide_parameters": True}
     with app.app_context():
         assert db.engine.pool._pre_ping is False
         db.engine.dispose()

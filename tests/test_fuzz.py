@@ -8,10 +8,12 @@ checked for: no server error, a status the document lists, a body matching its s
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import schemathesis
-from helpers import PASSWORD, base_settings, live_server, post_json
-from hypothesis import HealthCheck, given, settings
+from helpers import PASSWORD, TEST_DATABASE_URL, base_settings, live_server, post_json
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
@@ -27,12 +29,16 @@ FUZZ_USER = {"email": "fuzzer@example.com", "username": "fuzzer", "password": PA
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(sqlite_template, tmp_path_factory):
-    import shutil
+def fuzz_database_url(request, tmp_path_factory, database_factory):
+    """PostgreSQL when the suite has it (it refuses more than SQLite: NUL, lengths), else SQLite."""
+    backend = "postgresql" if TEST_DATABASE_URL else "sqlite"
+    with database_factory(backend, request, tmp_path_factory.mktemp("fuzz")) as url:
+        yield url
 
-    path = tmp_path_factory.mktemp("fuzz") / "fuzz.db"
-    shutil.copyfile(sqlite_template, path)
-    app = create_app(base_settings(DATABASE_URL=f"sqlite:///{path}", LOGIN_MAX_FAILURES="10000"))
+
+@pytest.fixture(scope="module")
+def fuzz_server(fuzz_database_url):
+    app = create_app(base_settings(DATABASE_URL=fuzz_database_url, LOGIN_MAX_FAILURES="10000"))
     with live_server(app) as base:
         assert post_json(f"{base}/auth/register", FUZZ_USER)[0] == 201
         yield base
@@ -138,23 +144,41 @@ def test_a_password_containing_the_username_is_refused(prefix, suffix, username)
 
 
 @pytest.fixture(scope="module")
-def schema_app(sqlite_template, tmp_path_factory):
-    import shutil
+def schema_app(fuzz_database_url):
+    app = create_app(base_settings(DATABASE_URL=fuzz_database_url, LOGIN_MAX_FAILURES="10000"))
+    yield app
+    with app.app_context():
+        db.engine.dispose()
 
-    path = tmp_path_factory.mktemp("props") / "props.db"
-    shutil.copyfile(sqlite_template, path)
-    return create_app(base_settings(DATABASE_URL=f"sqlite:///{path}"))
+
+# Any code point, JSON can carry them all; lone surrogates, NUL and line breaks are drawn
+# often on purpose (uniformly they would almost never come up).
+any_character = st.one_of(
+    st.characters(codec=None, exclude_categories=()),
+    st.characters(categories=["Cs"]),
+    st.sampled_from("\x00\n\r\t\u0130\ufb03"),
+)
+
+
+def any_text(min_size: int = 0, max_size: int = 60) -> st.SearchStrategy[str]:
+    """Strings of `any_character` (st.text() itself leaves lone surrogates out)."""
+    return st.lists(any_character, min_size=min_size, max_size=max_size).map("".join)
+
+
+near_usernames = st.text(st.sampled_from("abcXYZ019_.-\n\r\t \x00éİ"), max_size=60)
 
 
 @pytest.mark.fuzz
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(username=st.text(max_size=60))
+@given(username=st.one_of(near_usernames, any_text(max_size=60)))
+@example(username="abc\n")
+@example(username="x" * 50 + "\n")
 def test_username_rule(schema_app, username):
     from marshmallow import ValidationError
 
     from authapp.schemas import USERNAME_RE, Username
 
-    valid = bool(USERNAME_RE.fullmatch(username)) and username.isascii()
+    valid = USERNAME_RE.fullmatch(username) is not None
     with schema_app.app_context():
         try:
             Username().deserialize(username)
@@ -165,16 +189,44 @@ def test_username_rule(schema_app, username):
     assert accepted == (3 <= len(username) <= 50 and all(c.isascii() and (c.isalnum() or c in "_.-") for c in username))
 
 
-@pytest.mark.fuzz
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    body=st.dictionaries(
-        st.sampled_from(["email", "username", "password", "x"]),
-        st.one_of(
-            st.none(), st.booleans(), st.integers(), st.text(max_size=200), st.lists(st.text(max_size=5), max_size=3)
-        ),
-    )
+_unique = itertools.count()
+json_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False),
+    any_text(max_size=200),
+    st.lists(st.text(max_size=5), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
 )
-def test_register_never_answers_500(schema_app, body):
+
+
+@pytest.mark.fuzz
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    field=st.sampled_from(["email", "username", "password", "unknown"]),
+    # Strings long enough to pass the length rules, most of the time; anything else otherwise.
+    value=st.sampled_from(["long", "long", "short", "other"]).flatmap(
+        lambda kind: {
+            "long": any_text(min_size=8, max_size=130),
+            "short": any_text(max_size=12),
+            "other": json_values,
+        }[kind]
+    ),
+)
+def test_register_never_answers_500(schema_app, field, value):
+    """A valid registration with one field replaced by anything JSON can carry."""
+    suffix = next(_unique)  # a new account each time, so that every valid body is hashed and stored
+    body = {"email": f"f{suffix}@example.com", "username": f"fuzz{suffix}", "password": "violet-harbor-cactus-42"}
+    body[field] = value
     response = schema_app.test_client().post("/auth/register", json=body)
     assert response.status_code in (201, 400, 409), response.get_json()
+
+
+@pytest.mark.fuzz
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(["email", "username"]), value=any_text(max_size=60), password=any_text(max_size=40))
+def test_login_never_answers_500(schema_app, field, value, password):
+    """Whatever names the account and whatever the password: 400, 401 or 429, never 500."""
+    response = schema_app.test_client().post("/auth/login", json={field: value, "password": password})
+    assert response.status_code in (400, 401, 429), response.get_json()

@@ -111,3 +111,21 @@ def test_audit_trail(client, log_lines, later):
         if event["event"] != "login_failure" or event["reason"] != "unknown_user":
             assert event["user_id"] == first["user"]["id"]
     assert all(e["sid"] for e in events if e["event"] not in ("login_failure",))
+
+
+def test_database_errors_do_not_log_their_parameters(app, log_lines):
+    """A crash inside a statement logs its traceback, but never the statement's values."""
+    from authapp.database import unit_of_work
+
+    known_hash = "$2b$04$" + "S" * 53
+
+    def crash():
+        with unit_of_work() as session:
+            session.add(User(email=None, username="nobody", hashed_password=known_hash))
+
+    app.add_url_rule("/crash", view_func=crash)
+    response = app.test_client().get("/crash")
+    assert response.status_code == 500
+    text = json.dumps(log_lines())
+    assert "IntegrityError" in text and "Traceback" in text
+    assert known_hash not in text and "nobody" not in text

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
-from helpers import PASSWORD, assert_error
+from helpers import PASSWORD, assert_error, bearer
 
 
 def register_body(**changes):
@@ -160,3 +162,81 @@ def test_login_validation(client):
 def test_refresh_validation(client):
     assert "refresh_token" in field_errors(client.post("/auth/refresh", json={}))
     assert "refresh_token" in field_errors(client.post("/auth/refresh", json={"refresh_token": 5}))
+
+
+# -- Strings a database or UTF-8 cannot hold ----------------------------------------------
+
+LONE_SURROGATE = "\ud800"
+
+
+def raw_json(client, path, text: str, headers=None):
+    """Send `text` as the body: json.dumps escapes a lone surrogate as \\ud800, valid JSON."""
+    return client.post(path, data=text, content_type="application/json", headers=headers)
+
+
+@pytest.mark.parametrize(
+    "path,body,field",
+    [
+        ("/auth/register", register_body(password="abcdefgh" + LONE_SURROGATE), "password"),
+        ("/auth/register", register_body(username="bo" + LONE_SURROGATE), "username"),
+        ("/auth/register", register_body(email="a" + LONE_SURROGATE + "@example.com"), "email"),
+        ("/auth/login", {"username": LONE_SURROGATE, "password": PASSWORD}, "username"),
+        ("/auth/login", {"username": "bob", "password": LONE_SURROGATE}, "password"),
+        ("/auth/refresh", {"refresh_token": LONE_SURROGATE}, "refresh_token"),
+        ("/auth/register", register_body(username="bob\x00x"), "username"),
+        ("/auth/register", register_body(email="bob\x00@example.com"), "email"),
+        ("/auth/login", {"username": "bob\x00", "password": PASSWORD}, "username"),
+        ("/auth/login", {"email": "bob\x00@example.com", "password": PASSWORD}, "email"),
+        ("/auth/refresh", {"refresh_token": "a\x00b"}, "refresh_token"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and v.startswith("/") else None,
+)
+def test_surrogates_and_nul_are_validation_errors(client, path, body, field):
+    text = json.dumps(body)
+    assert field in field_errors(raw_json(client, path, text))
+
+
+def test_nul_is_allowed_inside_a_password(client):
+    response = client.post("/auth/register", json=register_body(password="violet\x00harbor-77"))
+    assert response.status_code == 201
+    login = client.post("/auth/login", json={"username": "bob_the.builder-1", "password": "violet\x00harbor-77"})
+    assert login.status_code == 200
+
+
+def test_deeply_nested_json(client):
+    body = "[" * 30000 + "]" * 30000
+    assert list(field_errors(raw_json(client, "/auth/login", body))) == ["_body"]
+
+
+@pytest.mark.parametrize("username", ["abc\n", "x" * 50 + "\n", "\nabc", "abc\r"])
+def test_usernames_with_line_breaks(client, username):
+    assert "username" in field_errors(client.post("/auth/register", json=register_body(username=username)))
+
+
+def test_email_length_is_measured_after_lowercasing(client):
+    email = "İ" * 50 + "@example.com"  # 62 characters, 112 once lowercased
+    assert "email" in field_errors(client.post("/auth/register", json=register_body(email=email)))
+
+
+@pytest.mark.parametrize("session_id", ["%00", "not-a-uuid", "1", "3fa85f64-5717-4562-b3fc"])
+def test_session_ids_that_are_not_uuids_are_not_found(client, tokens, session_id):
+    response = client.delete(f"/auth/sessions/{session_id}", headers=bearer(tokens["access_token"]))
+    assert_error(response, 404, "NOT_FOUND")
+
+
+def test_bodies_on_endpoints_that_take_none(client, tokens):
+    headers = bearer(tokens["access_token"])
+    big = b"{" + b" " * (64 * 1024) + b"}"
+    assert_error(
+        client.post("/auth/logout-all", data=big, content_type="application/json", headers=headers),
+        413,
+        "PAYLOAD_TOO_LARGE",
+    )
+    assert_error(
+        client.post("/auth/logout-all", data="x=1", content_type="text/plain", headers=headers),
+        415,
+        "UNSUPPORTED_MEDIA_TYPE",
+    )
+    assert_error(client.get("/health/live", data=big, content_type="application/json"), 413, "PAYLOAD_TOO_LARGE")
+    # nothing was done: the session is alive
+    assert client.get("/auth/me", headers=headers).status_code == 200

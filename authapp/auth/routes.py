@@ -110,9 +110,11 @@ def logout_all():
 
 
 @blp.post("/change-password")
+@limiter.limit(ratelimit.login_limit)
 @authenticated
 @json_body(ChangePasswordSchema)
 @blp.response(200, TokenResponseSchema)
+@errors(429)
 def change_password(data):
     """Change the password (the current one is required); ends every other session."""
     return service.change_password(current_user, g.session_id, **data)
@@ -126,10 +128,10 @@ def sessions():
     return {"sessions": service.list_sessions(current_user, g.session_id)}
 
 
-@blp.delete("/sessions/<string:session_id>")
+@blp.delete("/sessions/<uuid:session_id>")
 @authenticated
 @blp.response(204)
 @errors(404)
 def delete_session(session_id):
     """Revoke one of the user's sessions."""
-    service.delete_session(current_user, session_id, g.session_id)
+    service.delete_session(current_user, str(session_id), g.session_id)

@@ -157,11 +157,7 @@ def login(password: str, email: str | None = None, username: str | None = None) 
     with unit_of_work() as db:
         user = db.scalar(user_query(email=email, username=username))
     account = ratelimit.account_key(user.id if user else None, email if email is not None else username or "")
-    try:
-        ratelimit.check_not_locked(account)
-    except AppError:
-        audit.record(audit.LOGIN_LOCKED, user_id=user.id if user else None)
-        raise
+    _count_attempt(account, user.id if user else None)
 
     if user is None:
         # Same bcrypt work as a wrong password, so timing does not reveal the account.
@@ -174,7 +170,6 @@ def login(password: str, email: str | None = None, username: str | None = None) 
     else:
         reason = None
     if reason is not None:
-        ratelimit.record_failure(account)
         audit.record(audit.LOGIN_FAILURE, user_id=user.id if user else None, reason=reason)
         raise InvalidCredentials()
     ratelimit.clear_failures(account)
@@ -192,11 +187,26 @@ def login(password: str, email: str | None = None, username: str | None = None) 
     return _pair(user, issued)
 
 
+def _count_attempt(account: str, user_id: int | None) -> None:
+    try:
+        ratelimit.count_attempt(account)
+    except AppError:
+        audit.record(audit.LOGIN_LOCKED, user_id=user_id)
+        raise
+
+
 def change_password(user: User, sid: str, current_password: str, new_password: str) -> dict[str, Any]:
-    """Replace the password, end every session of the user and start a new one."""
+    """Replace the password, end every session of the user and start a new one.
+
+    Guesses of the current password count against the account like failed logins, so a
+    stolen access token cannot be used to guess it without limit.
+    """
+    account = ratelimit.account_key(user.id, "")
+    _count_attempt(account, user.id)
     if not passwords.verify_password(current_password, user.hashed_password):
         audit.record(audit.PASSWORD_CHANGE_FAILED, user_id=user.id, sid=sid, reason="wrong_password")
         raise InvalidCredentials()
+    ratelimit.clear_failures(account)
     if passwords.normalize(new_password) == passwords.normalize(current_password):
         raise ValidationFailed(errors={"new_password": ["New password must differ from the current one."]})
     hashed = passwords.hash_password(new_password, _rounds())
@@ -292,13 +302,19 @@ def _current_head(db: Session, auth_session: AuthSession, jti: str) -> _Issued |
 
 
 def logout(user: User, sid: str, refresh_token: str | None = None) -> None:
-    """End the access token's session, and the session of `refresh_token` if given."""
+    """End the access token's session, and the session of `refresh_token` if it is one of
+    the same user's. A refresh token that is not (garbage, another user's) is ignored:
+    logging out always logs the caller out."""
     sids = {sid}
     if refresh_token is not None:
-        claims = tokens.decode_refresh_token(refresh_token, allow_expired=True)
-        if tokens.user_id_of(claims) != user.id:
-            raise InvalidToken("The refresh token belongs to another user")
-        sids.add(claims["sid"])
+        try:
+            claims = tokens.decode_refresh_token(refresh_token, allow_expired=True)
+            if tokens.user_id_of(claims) == user.id:
+                sids.add(claims["sid"])
+            else:
+                audit.record(audit.LOGOUT_TOKEN_IGNORED, user_id=user.id, sid=sid, reason="another_user")
+        except AppError:
+            audit.record(audit.LOGOUT_TOKEN_IGNORED, user_id=user.id, sid=sid, reason="invalid_token")
     now = utcnow()
     with unit_of_work() as db:
         _revoke(db, LOGOUT, now, AuthSession.user_id == user.id, AuthSession.id.in_(sids))
