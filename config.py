@@ -196,7 +196,8 @@ def build_flask_config(settings: Mapping[str, Any]) -> dict[str, Any]:
     return {
         **settings,
         "TESTING": env == "testing",
-        "SECRET_KEY": secret,
+        # No SECRET_KEY: the API keeps no cookie session, and without a key Flask does not
+        # open one on every request.
         "JWT_SECRET_KEY": secret,
         "JWT_SECRET_GENERATED": generated,
         "JWT_ALGORITHM": algorithm,

@@ -89,7 +89,7 @@ def refresh(data):
 @blp.response(200, UserSchema)
 def me():
     """The user the access token belongs to."""
-    return current_user
+    return current_user._get_current_object()  # dumped field by field: not through the proxy
 
 
 @blp.post("/logout")

@@ -215,7 +215,6 @@ def change_password(user: User, sid: str, current_password: str, new_password: s
         db.execute(update(User).where(User.id == user.id).values(hashed_password=hashed, updated_at=now))
         revoked = _revoke(db, PASSWORD_CHANGED, now, AuthSession.user_id == user.id)
         issued = _start_session(db, user.id, now)
-    user.hashed_password = hashed
     audit.record(audit.PASSWORD_CHANGED, user_id=user.id, sid=issued.session.id, sessions_revoked=revoked)
     return _pair(user, issued)
 
