@@ -141,6 +141,10 @@ def instruments() -> Instruments:
 # -- Requests -----------------------------------------------------------------------------
 
 _RULE_ARGUMENT = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
+# Per process: the label of each route, and the two series of each label set, so that a
+# request costs two dict lookups rather than two `labels()` calls (about 7 µs of 14 µs).
+_endpoints: dict[str, str] = {}
+_series: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
 
 def _endpoint_label() -> str:
@@ -148,17 +152,23 @@ def _endpoint_label() -> str:
     rule = request.url_rule
     if rule is None:
         return UNMATCHED
-    return _RULE_ARGUMENT.sub(r"{\1}", rule.rule)
+    label = _endpoints.get(rule.rule)
+    if label is None:
+        label = _endpoints[rule.rule] = _RULE_ARGUMENT.sub(r"{\1}", rule.rule)
+    return label
 
 
 def _observe(response: Response) -> Response:
     metrics = instruments()
     method = request.method if request.method in _METHODS else "OTHER"
-    labels = (method, _endpoint_label(), str(response.status_code))
-    metrics.requests.labels(*labels).inc()
+    key = (method, _endpoint_label(), str(response.status_code))
+    series = _series.get(key)
+    if series is None:
+        series = _series[key] = (metrics.requests.labels(*key), metrics.duration.labels(*key))
+    series[0].inc()
     started = g.get("request_started")
     if started is not None:
-        metrics.duration.labels(*labels).observe(time.perf_counter() - started)
+        series[1].observe(time.perf_counter() - started)
     _publish_breaker_state(metrics)
     return response
 
