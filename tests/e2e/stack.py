@@ -209,7 +209,8 @@ class Instance:
 
     def ready_workers(self) -> tuple[int, int]:
         """(workers spawned, workers whose app is loaded) since the instance last started."""
-        messages = [e.get("message", "") for e in self.log_entries()]
+        # uWSGI's own lines, JSON-wrapped by uwsgi.ini's logger (or raw, from an ini without it)
+        messages = [e.get("message") or e.get("raw") or "" for e in self.log_entries()]
         starts = [i for i, m in enumerate(messages) if m.startswith(STARTING)]
         messages = messages[starts[-1] :] if starts else []
         return sum(m.startswith(SPAWNED) for m in messages), sum(READY in m for m in messages)
@@ -223,6 +224,7 @@ class Stack:
     env: Mapping[str, str] = field(default_factory=dict)
     uwsgi_args: tuple[str, ...] = ()
     nginx_workers: int = 1
+    ini: Path = UWSGI_INI
     started: list[Instance] = field(default_factory=list)
     nginx: subprocess.Popen | None = None
 
@@ -307,7 +309,7 @@ class Stack:
         }
         with instance.log.open("ab") as log:
             instance.process = subprocess.Popen(
-                [find_binary("uwsgi"), "--ini", str(UWSGI_INI), *self.uwsgi_args],
+                [find_binary("uwsgi"), "--ini", str(self.ini), *self.uwsgi_args],
                 cwd=self.workdir,
                 env=env,
                 stdin=subprocess.DEVNULL,
