@@ -23,14 +23,9 @@ $(BIN)/.dev: requirements-dev.txt $(BIN)/.runtime
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
-# uWSGI, built here without pip's cache: a cached build made without PCRE would lack the
-# log routing uwsgi.ini uses (its absence is an error below, not a silent fallback).
+# uWSGI (compiled from source by pip: gcc and the Python headers)
 $(BIN)/.deploy: requirements-deploy.txt $(BIN)/.dev
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-cache-dir -r requirements-deploy.txt
-	$(BIN)/uwsgi --help | grep -q -- --log-route || $(BIN)/pip install --quiet --disable-pip-version-check \
-		--no-cache-dir --force-reinstall --no-deps "$$(grep -i '^uwsgi==' requirements-deploy.txt)"
-	@$(BIN)/uwsgi --help | grep -q -- --log-route || { \
-		echo "uWSGI was built without PCRE: install libpcre2-dev (Debian) and run make again" >&2; exit 1; }
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-deploy.txt
 	touch $@
 
 install: $(BIN)/.runtime

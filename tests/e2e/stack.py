@@ -137,13 +137,14 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
 
 
 def json_lines(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a log file (lines that are not JSON are returned as {"raw": line})."""
+    """The lines of a log file: JSON objects as they are, any other line as {"raw": line}."""
     entries = []
     for line in path.read_text(errors="replace").splitlines():
         try:
-            entries.append(json.loads(line))
+            entry = json.loads(line)
         except ValueError:
-            entries.append({"raw": line})
+            entry = None
+        entries.append(entry if isinstance(entry, dict) else {"raw": line})
     return entries
 
 
@@ -209,8 +210,8 @@ class Instance:
 
     def ready_workers(self) -> tuple[int, int]:
         """(workers spawned, workers whose app is loaded) since the instance last started."""
-        # uWSGI's own lines, JSON-wrapped by uwsgi.ini's logger (or raw, from an ini without it)
-        messages = [e.get("message") or e.get("raw") or "" for e in self.log_entries()]
+        # uWSGI's own lines are plain text (an ini with a JSON-wrapping logger: "message")
+        messages = [e.get("raw") or e.get("message") or "" for e in self.log_entries()]
         starts = [i for i, m in enumerate(messages) if m.startswith(STARTING)]
         messages = messages[starts[-1] :] if starts else []
         return sum(m.startswith(SPAWNED) for m in messages), sum(READY in m for m in messages)

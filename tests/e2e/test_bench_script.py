@@ -42,4 +42,5 @@ def test_the_benchmark_runs_and_every_request_succeeds(admin_url, tmp_path):
         assert sum(row["result"][key] for key in errors) == 0, row
         assert f"| {row['name']} |" in result.stdout
     assert figures["ceiling"] > 0 and figures["bare_rps"] > 0
+    assert figures["log_lines_lost"] == 0
     assert (ROOT / "README.md").read_text() == readme
