@@ -29,6 +29,7 @@ from sqlalchemy.pool import Pool
 from .. import audit
 from ..breaker import State
 from ..database import breaker
+from ..extensions import db
 from ..openapi import Blueprint
 
 MULTIPROC_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
@@ -213,8 +214,6 @@ def _watch_pools(metrics: Instruments) -> None:
 
 
 def _publish_pool_size(metrics: Instruments) -> None:
-    from ..extensions import db
-
     size = getattr(db.engine.pool, "size", None)
     if callable(size):
         metrics.pool_size.set(size())
