@@ -56,16 +56,22 @@ def cpu_total() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
-def cpu_of(pids: set[int]) -> int:
-    """utime + stime (jiffies) of these processes; ones that are gone count 0."""
-    total = 0
+def cpu_of(pids: set[int]) -> dict[int, int]:
+    """utime + stime (jiffies) of each of these processes that still exists."""
+    times = {}
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])
-    return total
+        times[pid] = int(fields[11]) + int(fields[12])
+    return times
+
+
+def cpu_used(before: dict[int, int], after: dict[int, int]) -> int:
+    """CPU used between two samples: a process that appeared counts whole, one that exited
+    (a recycled worker) counts 0, so the benchmark's share is then a lower bound."""
+    return sum(ticks - before.get(pid, 0) for pid, ticks in after.items())
 
 
 def group_members(pgids: set[int]) -> set[int]:
@@ -149,18 +155,17 @@ class Runner:
         headers = headers or {}
         if warm and self.warmup:
             self.wrk(url, row.connections, self.warmup, script, headers)
-        ours = self.tracked_pids | group_members(self.tracked_groups)
         row.load_before = loadavg()
         busy0, all0 = cpu_total()
-        ours0 = cpu_of(ours)
+        ours0 = cpu_of(self.tracked_pids | group_members(self.tracked_groups))
         wrk0 = children_cpu()
         row.result = self.wrk(url, row.connections, self.seconds, script, headers)
         wrk1 = children_cpu()
         busy1, all1 = cpu_total()
-        ours1 = cpu_of(ours)
+        ours1 = cpu_of(self.tracked_pids | group_members(self.tracked_groups))
         row.load_after = loadavg()
         total = max(all1 - all0, 1)
-        row.ours_cpu = (ours1 - ours0 + wrk1 - wrk0) / total
+        row.ours_cpu = (cpu_used(ours0, ours1) + wrk1 - wrk0) / total
         row.others_cpu = max(0.0, (busy1 - busy0) / total - row.ours_cpu)
         return row
 
@@ -253,14 +258,25 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
     database_url = create_database(args.database_url, database)
     workdir = Path(tempfile.mkdtemp(prefix="authapp-bench-"))
     env = {"BCRYPT_ROUNDS": str(args.rounds), "LOG_LEVEL": "INFO"}
-    app = Stack(workdir / "app", database_url, instances=args.instances, env=env, nginx_workers=args.nginx_workers)
+    overrides: tuple[str, ...] = ()
+    for option in args.uwsgi_option:
+        name, _, value = option.partition("=")
+        overrides += (f"--{name}", value)
+    app = Stack(
+        workdir / "app",
+        database_url,
+        instances=args.instances,
+        env=env,
+        nginx_workers=args.nginx_workers,
+        uwsgi_args=overrides,
+    )
     bare = Stack(
         workdir / "bare",
         database_url,
         instances=args.instances,
         env=env,
         nginx_workers=args.nginx_workers,
-        uwsgi_args=("--module", "bench.bare:app"),
+        uwsgi_args=(*overrides, "--module", "bench.bare:app"),
     )
     stacks: list[Stack] = []
     try:
@@ -385,7 +401,9 @@ def table(rows: list[Row], info: dict[str, Any]) -> str:
         [
             f"Measured {info['when']} with `{info['command']}` on {m['cpu']}, {m['cores']} cores, "
             f"{m['memory_gib']} GiB, Linux {m['kernel']}, Python {m['python']}, uWSGI {m['uwsgi']}, "
-            f"nginx {m['nginx']}, wrk {m['wrk']}: nginx + {info['instances']} uWSGI instance(s) of uwsgi.ini, "
+            f"nginx {m['nginx']}, wrk {m['wrk']}: nginx + {info['instances']} uWSGI instance(s) of uwsgi.ini"
+            + (f" with {', '.join(info['uwsgi_options'])}" if info["uwsgi_options"] else "")
+            + ", "
             f"PostgreSQL on the same machine, BCRYPT_ROUNDS={info['rounds']}, wrk with 1 thread, "
             f"{info['seconds']:g} s per row after {info['warmup']:g} s of warm-up.",
             "",
@@ -432,6 +450,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=32, help="wrk connections, no-bcrypt endpoints")
     parser.add_argument("--bcrypt-connections", type=int, default=8, help="wrk connections, bcrypt endpoints")
     parser.add_argument("--nginx-workers", type=int, default=1)
+    parser.add_argument(
+        "--uwsgi-option",
+        action="append",
+        default=[],
+        metavar="OPTION=VALUE",
+        help="override a uwsgi.ini option in both stacks, e.g. threads=1 (repeatable)",
+    )
     parser.add_argument("--rounds", type=int, default=12, help="BCRYPT_ROUNDS (default 12, production's)")
     parser.add_argument("--bcrypt-samples", type=int, default=5)
     parser.add_argument("--no-readme", action="store_true", help="do not write the table into README.md")
@@ -446,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": bench_command(argv if argv is not None else sys.argv[1:]),
         "machine": machine(),
         "instances": args.instances,
+        "uwsgi_options": args.uwsgi_option,
         "rounds": args.rounds,
         "seconds": args.seconds,
         "warmup": args.warmup,
