@@ -22,6 +22,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import signal
 import statistics
 import subprocess
@@ -218,9 +219,7 @@ def machine() -> dict[str, str]:
 
 
 def _which(name: str) -> bool:
-    from shutil import which
-
-    return which(name) is not None or Path("/usr/sbin", name).exists()
+    return shutil.which(name) is not None or Path("/usr/sbin", name).exists()
 
 
 def postgres_backends(admin_url: str, database: str) -> set[int]:
@@ -351,6 +350,7 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
         for stack in reversed(stacks):
             stack.stop()
         drop_database(args.database_url, database)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def lost_log_lines(stack: Stack) -> int:
