@@ -99,6 +99,13 @@ def _database_url(name: str, raw: str) -> str:
     return url
 
 
+def _writable_directory(name: str, raw: str) -> str:
+    path = raw.strip()
+    if not path or not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name} must be an existing directory this process can write to, got {raw!r}")
+    return path
+
+
 # variable -> (parser, default). A default of None means "not set".
 SETTINGS: dict[str, tuple[Callable[[str, str], Any], str | None]] = {
     "ENVIRONMENT": (_choice(ENVIRONMENTS), "development"),
@@ -129,6 +136,9 @@ SETTINGS: dict[str, tuple[Callable[[str, str], Any], str | None]] = {
     "REFRESH_RATE_LIMIT": (_rate_limit, "60/minute"),
     "LOGIN_MAX_FAILURES": (_int(1, 10_000), "10"),
     "LOGIN_FAILURE_WINDOW": (_int(1, 86_400), "900"),
+    # Read by prometheus_client itself from the environment; checked here so that a bad
+    # value stops start-up with one line (observability/metrics.py).
+    "PROMETHEUS_MULTIPROC_DIR": (_writable_directory, None),
 }
 
 

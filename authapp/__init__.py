@@ -73,6 +73,7 @@ def register_blueprints(app: Flask) -> None:
     openapi.init_app(app, api)
     api.register_blueprint(routes.blp)
     api.register_blueprint(health.blp)
+    api.register_blueprint(observability.metrics.blp)
 
 
 def register_error_handlers(app: Flask) -> None:

@@ -1,0 +1,502 @@
+"""`make bench`: requests/s and latency of authapp served as in production (nginx.conf in
+front of uWSGI instances from uwsgi.ini, on PostgreSQL), beside two references measured
+in the same run on the same machine:
+
+- a bare Flask route returning {} under the same uwsgi.ini and nginx.conf, for the
+  endpoints that do no bcrypt work (/health/live, /auth/me, /auth/refresh);
+- the bcrypt ceiling, cores / (seconds of one bcrypt check at BCRYPT_ROUNDS), for the
+  endpoints that do exactly one bcrypt operation (/auth/login, /auth/register).
+
+Each row is one wrk run (bounded by --seconds), after a short warm-up. Besides the load
+averages, each row reports how much of the machine's CPU went to processes that are not
+part of the benchmark during that run: figures taken while that share is not near zero
+are not a fair measurement. The table is printed, written to README.md (between the
+bench markers) and, with every raw figure, to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "e2e")]
+
+from stack import PASSWORD, Stack, call, create_database, drop_database  # noqa: E402
+
+BENCH = ROOT / "bench"
+README = ROOT / "README.md"
+START_MARK, END_MARK = "<!-- bench:start -->", "<!-- bench:end -->"
+TARGETS = {"/health/live": 0.8, "/auth/me": 0.5, "/auth/login": 0.9, "/auth/register": 0.9}
+P99_OVER_P50_LIMIT = 10
+
+
+# -- CPU accounting --------------------------------------------------------------------------
+
+
+def cpu_total() -> tuple[int, int]:
+    """(busy, all) jiffies of the whole machine since boot."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def cpu_of(pids: set[int]) -> dict[int, int]:
+    """utime + stime (jiffies) of each of these processes that still exists."""
+    times = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        times[pid] = int(fields[11]) + int(fields[12])
+    return times
+
+
+def cpu_used(before: dict[int, int], after: dict[int, int]) -> int:
+    """CPU used between two samples: a process that appeared counts whole, one that exited
+    (a recycled worker) counts 0, so the benchmark's share is then a lower bound."""
+    return sum(ticks - before.get(pid, 0) for pid, ticks in after.items())
+
+
+def group_members(pgids: set[int]) -> set[int]:
+    members = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) in pgids:
+            members.add(int(stat.parent.name))
+    return members
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+# -- wrk ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    name: str
+    path: str
+    connections: int
+    result: dict[str, Any] = field(default_factory=dict)
+    reference: str = ""
+    reference_rps: float = 0.0
+    others_cpu: float = 0.0
+    ours_cpu: float = 0.0
+    load_before: str = ""
+    load_after: str = ""
+
+    @property
+    def rps(self) -> float:
+        return self.result["requests"] / (self.result["duration_us"] / 1e6)
+
+    @property
+    def errors(self) -> int:
+        keys = ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts")
+        return sum(self.result[k] for k in keys)
+
+    @property
+    def ratio(self) -> float:
+        return self.rps / self.reference_rps if self.reference_rps else 0.0
+
+
+def lua_string(value: str) -> str:
+    return json.dumps(value)  # a JSON string literal is a valid Lua string literal here
+
+
+class Runner:
+    def __init__(self, seconds: float, warmup: float, tracked_groups: set[int], tracked_pids: set[int]):
+        self.seconds = seconds
+        self.warmup = warmup
+        self.tracked_groups = tracked_groups
+        self.tracked_pids = tracked_pids
+
+    def wrk(self, url: str, connections: int, seconds: float, script: str, headers: dict[str, str]) -> dict:
+        with tempfile.NamedTemporaryFile("w", suffix=".lua", dir=BENCH, delete=False) as handle:
+            handle.write(f'BENCH_RUN = "{uuid.uuid4().hex[:6]}"\n{script}\n' + (BENCH / "report.lua").read_text())
+        command = ["wrk", "--threads", "1", "--connections", str(connections), "--duration", f"{round(seconds)}s"]
+        command += ["--timeout", "20s", "--script", handle.name]
+        for name, value in headers.items():
+            command += ["--header", f"{name}: {value}"]
+        try:
+            done = subprocess.run([*command, url], capture_output=True, text=True, timeout=seconds + 60)
+        finally:
+            os.unlink(handle.name)
+        match = re.search(r"^BENCH_RESULT (.*)$", done.stdout, re.M)
+        if done.returncode != 0 or match is None:
+            raise RuntimeError(f"wrk failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+        return json.loads(match.group(1))
+
+    def measure(
+        self, row: Row, url: str, script: str = "", headers: dict[str, str] | None = None, warm: bool = True
+    ) -> Row:
+        """One wrk run; CPU is split between the benchmark's processes (the stack, its
+        PostgreSQL backends, wrk) and everything else on the machine."""
+        headers = headers or {}
+        if warm and self.warmup:
+            self.wrk(url, row.connections, self.warmup, script, headers)
+        row.load_before = loadavg()
+        busy0, all0 = cpu_total()
+        ours0 = cpu_of(self.tracked_pids | group_members(self.tracked_groups))
+        wrk0 = children_cpu()
+        row.result = self.wrk(url, row.connections, self.seconds, script, headers)
+        wrk1 = children_cpu()
+        busy1, all1 = cpu_total()
+        ours1 = cpu_of(self.tracked_pids | group_members(self.tracked_groups))
+        row.load_after = loadavg()
+        total = max(all1 - all0, 1)
+        row.ours_cpu = (cpu_used(ours0, ours1) + wrk1 - wrk0) / total
+        row.others_cpu = max(0.0, (busy1 - busy0) / total - row.ours_cpu)
+        return row
+
+
+def children_cpu() -> int:
+    """CPU of this process's reaped children (the wrk runs), in clock ticks like /proc."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return round((usage.ru_utime + usage.ru_stime) * os.sysconf("SC_CLK_TCK"))
+
+
+# -- The bcrypt ceiling ---------------------------------------------------------------------------
+
+
+def bcrypt_seconds(rounds: int, samples: int) -> list[float]:
+    """Seconds of one check as the app does it (authapp.auth.passwords), one at a time."""
+    from authapp.auth import passwords
+
+    hashed = passwords.hash_password(PASSWORD, rounds)
+    times = []
+    for _ in range(samples):
+        started = time.perf_counter()
+        assert passwords.verify_password(PASSWORD, hashed)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+# -- The run --------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, str]:
+    models = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+    cpu = models[0].split(":", 1)[1].strip() if models else platform.processor()
+    memory = int(Path("/proc/meminfo").read_text().split()[1]) // (1024 * 1024)
+
+    def version(command: list[str], pattern: str) -> str:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        found = re.search(pattern, done.stdout + done.stderr)
+        return found.group(1) if found else "?"
+
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "memory_gib": str(memory),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "uwsgi": version([str(Path(sys.executable).parent / "uwsgi"), "--version"], r"([\d.]+)"),
+        "nginx": version(["nginx", "-v"], r"nginx/([\d.]+)") if _which("nginx") else "?",
+        "wrk": version(["wrk", "--version"], r"wrk (\S+)"),
+    }
+
+
+def _which(name: str) -> bool:
+    return shutil.which(name) is not None or Path("/usr/sbin", name).exists()
+
+
+def postgres_backends(admin_url: str, database: str) -> set[int]:
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    url = make_url(admin_url)
+    conn = psycopg2.connect(
+        host=url.host, port=url.port or 5432, user=url.username, password=url.password, dbname=url.database
+    )
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s", (database,))
+            return {row[0] for row in cur.fetchall()}
+    finally:
+        conn.close()
+
+
+def login_pairs(url: str, tls, username: str, count: int) -> list[dict[str, Any]]:
+    """`count` sessions of one user (logins in parallel: each is a bcrypt check)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(_: int) -> dict[str, Any]:
+        reply = call(url, "POST", "/auth/login", json_body={"username": username, "password": PASSWORD}, tls=tls)
+        assert reply.status == 200, reply.body
+        return reply.json()
+
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
+    """The rows, and the references: bcrypt timings, the ceiling, the bare route's mean."""
+    database = f"authapp_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    database_url = create_database(args.database_url, database)
+    workdir = Path(tempfile.mkdtemp(prefix="authapp-bench-"))
+    env = {"BCRYPT_ROUNDS": str(args.rounds), "LOG_LEVEL": "INFO"}
+    overrides: tuple[str, ...] = ()
+    for option in args.uwsgi_option:
+        name, _, value = option.partition("=")
+        overrides += (f"--{name}", value)
+    app = Stack(
+        workdir / "app",
+        database_url,
+        instances=args.instances,
+        env=env,
+        nginx_workers=args.nginx_workers,
+        uwsgi_args=overrides,
+    )
+    bare = Stack(
+        workdir / "bare",
+        database_url,
+        instances=args.instances,
+        env=env,
+        nginx_workers=args.nginx_workers,
+        uwsgi_args=(*overrides, "--module", "bench.bare:app"),
+    )
+    stacks: list[Stack] = []
+    try:
+        for stack in (app, bare):
+            stacks.append(stack)
+            stack.start()
+        tls = app.tls_context()
+        user = f"bench{uuid.uuid4().hex[:8]}"
+        account = {"email": f"{user}@example.com", "username": user, "password": PASSWORD}
+        registered = call(app.https_url, "POST", "/auth/register", json_body=account, tls=tls)
+        assert registered.status == 201, registered.body
+        access = registered.json()["access_token"]
+        fast, slow = args.connections, args.bcrypt_connections
+        # /auth/refresh: one session per wrk connection, plus one for the request wrk makes
+        # when a thread starts and never sends, plus one to warm the path up (wrk cannot
+        # warm it: each refresh token can be used once).
+        sessions = login_pairs(app.https_url, tls, user, fast + 2)
+        chain = sessions.pop()["refresh_token"]
+        for _ in range(20):
+            reply = call(app.https_url, "POST", "/auth/refresh", json_body={"refresh_token": chain}, tls=tls)
+            chain = reply.json()["refresh_token"]
+
+        groups = {i.process.pid for st in stacks for i in st.started if i.process}
+        groups |= {st.nginx.pid for st in stacks if st.nginx}
+        runner = Runner(args.seconds, args.warmup, groups, postgres_backends(args.database_url, database))
+        bcrypt_times = bcrypt_seconds(args.rounds, args.bcrypt_samples)
+        tokens = lua_string(",".join(s["refresh_token"] for s in sessions))
+        login = lua_string(json.dumps({"username": user, "password": PASSWORD}))
+        prefix = lua_string("r" + uuid.uuid4().hex[:6])
+        plan = [
+            (Row("bare Flask route (start)", "/", fast), bare, {}),
+            (Row("GET /health/live", "/health/live", fast), app, {}),
+            (Row("GET /auth/me", "/auth/me", fast), app, {"headers": {"Authorization": f"Bearer {access}"}}),
+            (
+                Row("POST /auth/refresh", "/auth/refresh", fast),
+                app,
+                {"script": f"BENCH_TOKENS = {{{tokens}}}\n" + (BENCH / "refresh.lua").read_text(), "warm": False},
+            ),
+            (
+                Row("POST /auth/login", "/auth/login", slow),
+                app,
+                {"script": f"BENCH_BODY = {login}\n" + (BENCH / "post_json.lua").read_text()},
+            ),
+            (
+                Row("POST /auth/register", "/auth/register", slow),
+                app,
+                {
+                    "script": f"BENCH_PREFIX = {prefix}\nBENCH_PASSWORD = {lua_string(PASSWORD)}\n"
+                    + (BENCH / "register.lua").read_text()
+                },
+            ),
+            (Row("bare Flask route (end)", "/", fast), bare, {}),
+        ]
+        rows = [runner.measure(row, stack.https_url + row.path, **options) for row, stack, options in plan]
+        bcrypt_times += bcrypt_seconds(args.rounds, args.bcrypt_samples)
+        bare_rows = [row for row in rows if row.path == "/"]
+
+        bare_rps = statistics.mean(r.rps for r in bare_rows)
+        ceiling = (os.cpu_count() or 1) / min(bcrypt_times)
+        for row in rows:
+            if row.path in ("/auth/login", "/auth/register"):
+                row.reference, row.reference_rps = "bcrypt ceiling", ceiling
+            elif row.path != "/":
+                row.reference, row.reference_rps = "bare Flask", bare_rps
+        return rows, {
+            "bcrypt_seconds": bcrypt_times,
+            "bare_rps": bare_rps,
+            "ceiling": ceiling,
+            "log_lines_lost": lost_log_lines(app),
+        }
+    finally:
+        for stack in reversed(stacks):
+            stack.stop()
+        drop_database(args.database_url, database)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def lost_log_lines(stack: Stack) -> int:
+    """Requests nginx passed to the app whose line (one per request) is not in the app's log."""
+    logged = set()
+    for instance in stack.instance.values():
+        for line in instance.log.read_text(errors="replace").splitlines():
+            if line.startswith("{") and '"event": "request"' in line:
+                logged.add(json.loads(line).get("request_id"))
+    passed = {e["request_id"] for e in stack.read_access_log() if e.get("upstream")}
+    return len(passed - logged)
+
+
+# -- Report ----------------------------------------------------------------------------------------
+
+
+def verdicts(rows: list[Row]) -> list[tuple[str, bool]]:
+    found = []
+    by_path = {row.path: row for row in rows}
+    for path, target in TARGETS.items():
+        row = by_path[path]
+        found.append((f"{path}: {row.ratio:.2f} of {row.reference} (target >= {target})", row.ratio >= target))
+    me = by_path["/auth/me"].result
+    text = f"/auth/me: p99 {me['p99_us'] / 1000:.1f} ms = {me['p99_us'] / me['p50_us']:.1f} x p50"
+    found.append((f"{text} (target < {P99_OVER_P50_LIMIT})", me["p99_us"] < P99_OVER_P50_LIMIT * me["p50_us"]))
+    return found
+
+
+def table(rows: list[Row], info: dict[str, Any]) -> str:
+    lines = [
+        "| endpoint | conns | requests/s | p50 ms | p99 ms | reference | ratio | target | load before → after "
+        "| others' CPU |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---|---:|",
+    ]
+    for row in rows:
+        target = TARGETS.get(row.path)
+        ratio = f"{row.ratio:.2f}" if row.reference_rps else ""
+        reference = f"{row.reference} ({row.reference_rps:,.1f}/s)" if row.reference_rps else "(reference)"
+        errors = f" ({row.errors} errors)" if row.errors else ""
+        lines.append(
+            f"| {row.name} | {row.connections} | {row.rps:,.1f}{errors} | {row.result['p50_us'] / 1000:.1f} "
+            f"| {row.result['p99_us'] / 1000:.1f} | {reference} | {ratio} | {f'>= {target}' if target else ''} "
+            f"| {row.load_before} → {row.load_after} | {row.others_cpu:.0%} |"
+        )
+    m = info["machine"]
+    times = info["bcrypt_seconds"]
+    return "\n".join(
+        [
+            f"Measured {info['when']} with `{info['command']}` on {m['cpu']}, {m['cores']} cores, "
+            f"{m['memory_gib']} GiB, Linux {m['kernel']}, Python {m['python']}, uWSGI {m['uwsgi']}, "
+            f"nginx {m['nginx']}, wrk {m['wrk']}: nginx + {info['instances']} uWSGI instance(s) of uwsgi.ini"
+            + (f" with {', '.join(info['uwsgi_options'])}" if info["uwsgi_options"] else "")
+            + ", "
+            f"PostgreSQL on the same machine, BCRYPT_ROUNDS={info['rounds']}, wrk with 1 thread, "
+            f"{info['seconds']:g} s per row after {info['warmup']:g} s of warm-up.",
+            "",
+            *lines,
+            "",
+            f"bcrypt ceiling: {m['cores']} cores / {min(times) * 1000:.0f} ms (fastest of {len(times)} checks; "
+            f"median {statistics.median(times) * 1000:.0f} ms) = {info['ceiling']:.2f} requests/s. Bare Flask "
+            f"reference: mean of its two rows, {info['bare_rps']:,.1f} requests/s. Request log lines lost: "
+            f'{info["log_lines_lost"]}. "others\' CPU": the share of '
+            "the machine's CPU used by processes outside the benchmark during the row (other users' work); "
+            "figures are fair only when it is near 0.",
+            "",
+            *[f"- {'PASS' if ok else 'MISS'}: {text}" for text, ok in info["verdicts"]],
+        ]
+    )
+
+
+def bench_command(argv: list[str]) -> str:
+    """`make bench` with the options given, the database URL left out."""
+    options, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith(("--database-url", "--results-dir")):
+            skip = arg in ("--database-url", "--results-dir")
+            continue
+        options.append(arg)
+    return "make bench" + (f" BENCH_ARGS='{' '.join(options)}'" if options else "")
+
+
+def write_readme(text: str) -> None:
+    readme = README.read_text()
+    if START_MARK not in readme or END_MARK not in readme:
+        raise RuntimeError(f"README.md has no {START_MARK} ... {END_MARK} block")
+    before, rest = readme.split(START_MARK, 1)
+    _, after = rest.split(END_MARK, 1)
+    README.write_text(f"{before}{START_MARK}\n{text}\n{END_MARK}{after}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--database-url", required=True, help="a PostgreSQL role that may create databases")
+    parser.add_argument("--seconds", type=int, default=12, help="length of each measured run (default 12)")
+    parser.add_argument("--warmup", type=int, default=3, help="warm-up before each run (default 3)")
+    parser.add_argument("--instances", type=int, default=3, help="uWSGI instances behind nginx (default 3)")
+    parser.add_argument("--connections", type=int, default=32, help="wrk connections, no-bcrypt endpoints")
+    parser.add_argument("--bcrypt-connections", type=int, default=8, help="wrk connections, bcrypt endpoints")
+    parser.add_argument("--nginx-workers", type=int, default=1)
+    parser.add_argument(
+        "--uwsgi-option",
+        action="append",
+        default=[],
+        metavar="OPTION=VALUE",
+        help="override a uwsgi.ini option in both stacks, e.g. threads=1 (repeatable)",
+    )
+    parser.add_argument("--rounds", type=int, default=12, help="BCRYPT_ROUNDS (default 12, production's)")
+    parser.add_argument("--bcrypt-samples", type=int, default=5)
+    parser.add_argument("--no-readme", action="store_true", help="do not write the table into README.md")
+    parser.add_argument("--results-dir", type=Path, default=BENCH / "results", help="where the raw figures go")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    args = parser.parse_args(argv)
+    # `timeout` (make bench) sends SIGTERM: unwind so that every process started is stopped.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+    info: dict[str, Any] = {
+        "when": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": bench_command(argv if argv is not None else sys.argv[1:]),
+        "machine": machine(),
+        "instances": args.instances,
+        "uwsgi_options": args.uwsgi_option,
+        "rounds": args.rounds,
+        "seconds": args.seconds,
+        "warmup": args.warmup,
+        "load_start": loadavg(),
+    }
+    rows, references = run(args)
+    info.update(references, load_end=loadavg(), verdicts=verdicts(rows))
+    text = table(rows, info)
+    print(text)
+    results = args.results_dir
+    results.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    raw = {**info, "rows": [{**row.__dict__, "rps": row.rps, "ratio": row.ratio} for row in rows]}
+    (results / f"bench-{stamp}.json").write_text(json.dumps(raw, indent=2, default=str))
+    (results / f"bench-{stamp}.md").write_text(text + "\n")
+    if not args.no_readme:
+        write_readme(text)
+    if any(row.errors for row in rows):
+        print("some requests failed: the figures above are not valid", file=sys.stderr)
+        return 2
+    if info["log_lines_lost"]:
+        print(f"{info['log_lines_lost']} request log lines were lost under load", file=sys.stderr)
+        return 2
+    return 1 if args.strict and not all(ok for _, ok in info["verdicts"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""bench/bench.py runs end to end (a second per row, so its figures mean nothing here; the
+real run is `make bench` on an idle machine)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from stack import ROOT
+
+ROWS = [
+    "bare Flask route (start)",
+    "GET /health/live",
+    "GET /auth/me",
+    "POST /auth/refresh",
+    "POST /auth/login",
+    "POST /auth/register",
+    "bare Flask route (end)",
+]
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
+def test_the_benchmark_runs_and_every_request_succeeds(admin_url, tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    quick = ["--seconds", "1", "--warmup", "1", "--instances", "1", "--connections", "4"]
+    quick += ["--bcrypt-connections", "2", "--rounds", "4", "--bcrypt-samples", "1"]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench.py"), "--database-url", admin_url, "--no-readme",
+         "--results-dir", str(tmp_path), *quick],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (raw,) = tmp_path.glob("bench-*.json")
+    figures = json.loads(raw.read_text())
+    assert [row["name"] for row in figures["rows"]] == ROWS
+    for row in figures["rows"]:
+        assert row["result"]["requests"] > 0, row
+        errors = ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts")
+        assert sum(row["result"][key] for key in errors) == 0, row
+        assert f"| {row['name']} |" in result.stdout
+    assert figures["ceiling"] > 0 and figures["bare_rps"] > 0
+    assert figures["log_lines_lost"] == 0
+    assert (ROOT / "README.md").read_text() == readme
