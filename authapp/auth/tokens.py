@@ -112,10 +112,7 @@ def _check_session(_header: dict[str, Any], claims: dict[str, Any]) -> bool:
     if not isinstance(sid, str):
         raise InvalidToken()
     with unit_of_work() as session:
-        # One read, so no transaction: no BEGIN and COMMIT round trips around it. The
-        # isolation level goes back to the default when the connection returns to the pool.
-        connection = session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-        user = connection.execute(_SESSION_CHECK, {"sid": sid, "user_id": user_id_of(claims)}).one_or_none()
+        user = session.connection().execute(_SESSION_CHECK, {"sid": sid, "user_id": user_id_of(claims)}).one_or_none()
     if user is None:
         raise InvalidToken()
     g.user_id = user.id

@@ -23,8 +23,6 @@ from flask import Flask, Response, current_app, g, request
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
-from sqlalchemy import event
-from sqlalchemy.pool import Pool
 
 from .. import audit
 from ..breaker import State
@@ -132,7 +130,6 @@ def instruments() -> Instruments:
                 multiprocess_mode="sum",
             ),
         )
-        _watch_pools(_instruments)
         audit.subscribe(_count_audit_event)
         for event_name, reason in KNOWN_AUTH_EVENTS:
             _instruments.auth_events.labels(event_name, reason)
@@ -171,6 +168,7 @@ def _observe(response: Response) -> Response:
     if started is not None:
         series[1].observe(time.perf_counter() - started)
     _publish_breaker_state(metrics)
+    _publish_pool_usage(metrics)
     return response
 
 
@@ -184,33 +182,25 @@ def _count_audit_event(event_name: str, fields: dict[str, Any]) -> None:
 # -- Database pool ----------------------------------------------------------------------------
 
 
-def _watch_pools(metrics: Instruments) -> None:
-    """Count every pool's connections in this process (one pool per worker in production)."""
+def _publish_pool_usage(metrics: Instruments) -> None:
+    """Write this worker's pool usage, read from the pool itself (not counted from pool
+    events, which drift when connections are invalidated, detached or disposed).
 
-    def opened(*_: Any) -> None:
-        metrics.pool_open.inc()
-
-    def closed(*_: Any) -> None:
-        metrics.pool_open.dec()
-
-    def checked_out(*_: Any) -> None:
-        metrics.pool_in_use.inc()
-
-    def checked_in(*_: Any) -> None:
-        metrics.pool_in_use.dec()
-
-    def detached(*_: Any) -> None:
-        # A detached connection leaves the pool while checked out; no checkin will follow.
-        metrics.pool_in_use.dec()
-        metrics.pool_open.dec()
-
-    event.listen(Pool, "connect", opened)
-    event.listen(Pool, "close", closed)
-    event.listen(Pool, "checkout", checked_out)
-    event.listen(Pool, "checkin", checked_in)
-    event.listen(Pool, "detach", detached)
-    metrics.pool_in_use.set(0)
-    metrics.pool_open.set(0)
+    Published at the end of every request and by the scrape, like the breaker state, so
+    that a scrape served by one worker sees the others' last figures.
+    """
+    pool = db.engine.pool
+    checked_out = getattr(pool, "checkedout", None)
+    checked_in = getattr(pool, "checkedin", None)
+    if not (callable(checked_out) and callable(checked_in)):
+        return
+    in_use = checked_out()
+    current = (os.getpid(), in_use, in_use + checked_in())
+    published = current_app.extensions[_EXTENSION]
+    if published.get("pool") != current:
+        metrics.pool_in_use.set(current[1])
+        metrics.pool_open.set(current[2])
+        published["pool"] = current
 
 
 def _publish_pool_size(metrics: Instruments) -> None:
@@ -257,6 +247,7 @@ def metrics_view() -> Response:
     loopback listener only."""
     metrics = instruments()
     _publish_breaker_state(metrics)
+    _publish_pool_usage(metrics)
     _publish_pool_size(metrics)
     directory = multiprocess_dir()
     if directory is None:
