@@ -38,7 +38,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "e2e")]
 
-from stack import PASSWORD, Stack, call, create_database, drop_database  # noqa: E402
+from stack import PASSWORD, Stack, app_log_entry, call, create_database, drop_database  # noqa: E402
 
 BENCH = ROOT / "bench"
 README = ROOT / "README.md"
@@ -358,8 +358,9 @@ def lost_log_lines(stack: Stack) -> int:
     logged = set()
     for instance in stack.instance.values():
         for line in instance.log.read_text(errors="replace").splitlines():
-            if line.startswith("{") and '"event": "request"' in line:
-                logged.add(json.loads(line).get("request_id"))
+            entry = app_log_entry(line)
+            if entry.get("event") == "request":
+                logged.add(entry.get("request_id"))
     passed = {e["request_id"] for e in stack.read_access_log() if e.get("upstream")}
     return len(passed - logged)
 

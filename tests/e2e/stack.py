@@ -614,3 +614,14 @@ class Api:
         )
         assert reply.status == 201, reply.body
         return {**reply.json(), "username": name}
+
+
+def app_log_entry(line: str) -> dict:
+    """One of the app's JSON log lines as a dict ({} for anything else uWSGI wrote)."""
+    if not line.startswith("{"):
+        return {}
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return {}
+    return entry if isinstance(entry, dict) else {}

@@ -10,7 +10,7 @@ import time
 import uuid
 
 from prometheus_client.parser import text_string_to_metric_families
-from stack import PASSWORD, call
+from stack import PASSWORD, app_log_entry, call
 
 TIMESTAMP_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -227,9 +227,9 @@ def test_app_logs_are_json_lines_without_secrets_and_none_is_lost(api, stack):
             break
         time.sleep(0.1)
         app_request_ids |= {
-            json.loads(line)["request_id"]
+            entry["request_id"]
             for instance in stack.instance.values()
             for line in instance.log.read_text().splitlines()
-            if line.startswith('{"') and '"event": "request"' in line
+            if (entry := app_log_entry(line)).get("event") == "request"
         }
     assert not missing
