@@ -142,13 +142,14 @@ SETTINGS: dict[str, tuple[Callable[[str, str], Any], str | None]] = {
 }
 
 
-# Connections older than this are replaced (pool_pre_ping catches the dead ones sooner).
+# Connections older than this are replaced (authapp.database tests the ones that waited
+# in the pool before use, and catches the dead ones sooner).
 POOL_RECYCLE_SECONDS = 1800
 
 
 def engine_options(settings: Mapping[str, Any]) -> dict[str, Any]:
     """SQLAlchemy engine options for PostgreSQL: at most DATABASE_MAX_POOL_SIZE connections,
-    each checked before use, with connect and statement timeouts. SQLite (one file, no
+    tested before use when they sat idle, with connect and statement timeouts. SQLite (one file, no
     network) keeps Flask-SQLAlchemy's defaults."""
     # SQL parameters never reach an error message or a log line: they hold password hashes.
     common = {"hide_parameters": True}
@@ -164,7 +165,6 @@ def engine_options(settings: Mapping[str, Any]) -> dict[str, Any]:
     }
     return {
         **common,
-        "pool_pre_ping": True,
         "pool_size": settings["DATABASE_MAX_POOL_SIZE"],
         "max_overflow": 0,
         # Waiting for a free pooled connection is bounded like waiting for a new one.

@@ -18,8 +18,8 @@ from typing import Any
 
 from flask import Flask, current_app, has_request_context
 from sqlalchemy import event
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
 
@@ -48,24 +48,15 @@ def breaker() -> CircuitBreaker:
 
 
 @contextmanager
-def unit_of_work() -> Iterator[Session]:
-    """One transaction through the breaker: committed when the block ends, rolled back
-    when it raises.
-
-    An open breaker answers 503 CIRCUIT_BREAKER_OPEN without touching the database;
-    losing the database answers 503 SERVICE_UNAVAILABLE; any other error propagates
-    after the rollback.
-    """
-    session = db.session
+def _through_breaker() -> Iterator[None]:
+    """Run a block that reaches the database through the breaker, with its failures in
+    the envelope: an open breaker answers 503 CIRCUIT_BREAKER_OPEN without touching the
+    database; losing the database answers 503 SERVICE_UNAVAILABLE; any other error
+    propagates."""
     scope = _in_unit_of_work.set(True)
     try:
         with breaker().guard():
-            try:
-                yield session
-                session.commit()
-            except BaseException:
-                session.rollback()
-                raise
+            yield
     except BreakerOpen as exc:
         raise CircuitBreakerOpen(headers={"Retry-After": str(exc.retry_after)}) from None
     except Exception as exc:
@@ -75,6 +66,46 @@ def unit_of_work() -> Iterator[Session]:
         raise
     finally:
         _in_unit_of_work.reset(scope)
+
+
+@contextmanager
+def unit_of_work() -> Iterator[Session]:
+    """One transaction through the breaker: committed when the block ends, rolled back
+    when it raises (errors as in `_through_breaker`)."""
+    session = db.session
+    with _through_breaker():
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+@contextmanager
+def autocommit_read() -> Iterator[Connection]:
+    """A connection for one read statement outside any transaction, through the breaker.
+
+    The per-request session check is one SELECT: in a transaction it would cost two more
+    round trips to PostgreSQL (BEGIN and COMMIT) than the statement itself. psycopg2's
+    autocommit switch is client-side (no round trip either way), unlike SQLAlchemy's
+    isolation_level="AUTOCOMMIT", whose reset when the connection returns to the pool
+    costs one. A connection that cannot be switched back (it died) is dropped from the
+    pool, never handed out again.
+    """
+    with _through_breaker(), db.engine.connect() as connection:
+        driver = connection.connection.driver_connection
+        if not hasattr(driver, "autocommit") or connection.dialect.name != "postgresql":
+            yield connection  # SQLite: one local file, no round trips to save
+            return
+        driver.autocommit = True
+        try:
+            yield connection
+        finally:
+            try:
+                driver.autocommit = False
+            except connection.dialect.loaded_dbapi.Error:
+                connection.invalidate()
 
 
 def _check_scope(conn, cursor, statement, parameters, context, executemany) -> None:
@@ -165,6 +196,39 @@ def _apply_deadlines(app: Flask) -> None:
     _install_wait_callback()
 
 
+# -- Pooled connections that died while idle ---------------------------------------------
+#
+# A connection can die while it waits in the pool: the server restarted, a firewall or
+# idle_session_timeout closed it. SQLAlchemy's pool_pre_ping tests every connection at
+# every checkout, which is one more round trip on every request: under load, as much as
+# the per-request session check itself. Only a connection that waited in the pool longer
+# than PING_AFTER_IDLE_SECONDS is tested here; one in steady use is not. When the server
+# restarts under steady traffic, the first statement on each pooled connection fails
+# instead (503 SERVICE_UNAVAILABLE, like the requests in flight at that moment); SQLAlchemy
+# then drops every connection opened before the failure, and the requests after it get
+# new ones.
+PING_AFTER_IDLE_SECONDS = 1.0
+_CHECKED_IN_AT = "authapp_checked_in_at"
+
+
+def _ping_idle_connections(engine: Engine) -> None:
+    def checked_in(_dbapi_connection: Any, record: Any) -> None:
+        record.info[_CHECKED_IN_AT] = time.monotonic()
+
+    def checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.pop(_CHECKED_IN_AT, None)
+        if since is None or time.monotonic() - since < PING_AFTER_IDLE_SECONDS:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            # The pool drops this connection and checks out another (or opens one).
+            raise DisconnectionError("a pooled connection died while idle") from exc
+
+    event.listen(engine, "checkin", checked_in)
+    event.listen(engine, "checkout", checked_out)
+
+
 # -- Fork safety ----------------------------------------------------------------------
 
 
@@ -196,3 +260,5 @@ def init_app(app: Flask) -> None:
         for engine in db.engines.values():
             _engines.add(engine)
             event.listen(engine, "before_cursor_execute", _check_scope)
+            if engine.dialect.name == "postgresql":
+                _ping_idle_connections(engine)

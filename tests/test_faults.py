@@ -58,10 +58,10 @@ FAULT_SETTINGS = {
     "DATABASE_CONNECT_TIMEOUT": 1,
     "DATABASE_STATEMENT_TIMEOUT_MS": 1000,
 }
-# A pooled connection that goes silent is dropped after statement timeout + connect
-# timeout (2 s); the pre-ping then reconnects into the hang and gives up after the connect
-# timeout (1 s).
-HUNG_POOLED_SECONDS = 3.0
+# A statement on a pooled connection that goes silent is given up after statement timeout
+# + connect timeout (2 s). (The connection was in use a moment before, so it is not pinged
+# first: authapp.database.PING_AFTER_IDLE_SECONDS.)
+HUNG_POOLED_SECONDS = 2.0
 SLACK = 1.5
 UNAVAILABLE = (503, "SERVICE_UNAVAILABLE")
 BREAKER_OPEN = (503, "CIRCUIT_BREAKER_OPEN")
@@ -480,13 +480,112 @@ def test_postgresql_engine_settings(pg_database_url):
     with app.app_context():
         pool = db.engine.pool
         assert (pool.size(), pool._max_overflow, pool._timeout) == (7, 0, 3)
-        assert pool._pre_ping is True and pool._recycle == 1800
+        assert pool._pre_ping is False and pool._recycle == 1800  # idle connections: see below
         assert db.session.scalar(text("SHOW statement_timeout")) == "2500ms"
         assert db.session.scalar(text("SELECT current_setting('application_name')")) == "authapp"
         connection = db.session.connection().connection.driver_connection
         assert (connection.connect_timeout, connection.io_timeout) == (3, 5.5)
         assert "connect_timeout=3" in connection.dsn
         db.session.commit()
+        db.engine.dispose()
+
+
+# -- Pooled connections: tested only after sitting idle; a session check in one round trip --
+
+
+def _registered(app: Flask, username: str) -> tuple[Any, dict[str, str]]:
+    client = app.test_client()
+    response = client.post("/auth/register", json=register_body(username))
+    assert response.status_code == 201, response.get_json()
+    return client, bearer(response.get_json()["access_token"])
+
+
+def _kill_pooled_connections(app: Flask, database_url: str) -> int:
+    """Terminate, from outside, every server process behind the app's idle pool."""
+    with app.app_context():
+        assert db.engine.pool.checkedin() >= 1
+    admin = create_engine(database_url, poolclass=NullPool)
+    try:
+        with admin.connect() as connection:
+            killed = connection.execute(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND application_name = 'authapp' "
+                    "AND pid <> pg_backend_pid()"
+                )
+            ).scalar_one()
+    finally:
+        admin.dispose()
+    assert killed >= 1
+    return killed
+
+
+def test_a_connection_that_died_while_idle_is_replaced_before_use(pg_database_url, monkeypatch):
+    monkeypatch.setattr(database, "PING_AFTER_IDLE_SECONDS", 0.0)  # every pooled connection counts as idle
+    app = create_app(base_settings(DATABASE_URL=pg_database_url))
+    client, auth = _registered(app, "idle")
+    _kill_pooled_connections(app, pg_database_url)
+    response = client.get("/auth/me", headers=auth)
+    assert response.status_code == 200, response.get_json()
+    with app.app_context():
+        assert database.breaker().stats()["consecutive_failures"] == 0
+        db.engine.dispose()
+
+
+def test_a_connection_that_died_while_in_steady_use_fails_one_request(pg_database_url, monkeypatch):
+    """The price of not pinging busy connections: when the server drops them, the first
+    request on one is answered 503 (in the envelope); SQLAlchemy then drops the whole
+    pool and the next request gets a new connection."""
+    monkeypatch.setattr(database, "PING_AFTER_IDLE_SECONDS", 3600.0)
+    app = create_app(base_settings(DATABASE_URL=pg_database_url))
+    client, auth = _registered(app, "busy")
+    _kill_pooled_connections(app, pg_database_url)
+    assert_error(client.get("/auth/me", headers=auth), 503, "SERVICE_UNAVAILABLE")
+    response = client.get("/auth/me", headers=auth)
+    assert response.status_code == 200, response.get_json()
+    with app.app_context():
+        db.engine.dispose()
+
+
+def test_the_session_check_is_one_round_trip(pg_database_url, monkeypatch):
+    """No pre-ping, no BEGIN, no COMMIT: one protected request, one wait on PostgreSQL."""
+    import psycopg2.extensions
+
+    app = create_app(base_settings(DATABASE_URL=pg_database_url))
+    client, auth = _registered(app, "trips")
+    assert client.get("/auth/me", headers=auth).status_code == 200  # a warm pool
+    waits: list[str] = []
+    real_wait = psycopg2.extensions.get_wait_callback()
+    assert real_wait is database._wait_with_deadline
+
+    def counting_wait(conn: Any, *args: Any) -> None:
+        waits.append(conn.dsn)
+        real_wait(conn, *args)
+
+    monkeypatch.setattr(database, "PING_AFTER_IDLE_SECONDS", 3600.0)  # this test may be slow: no ping
+    psycopg2.extensions.set_wait_callback(counting_wait)
+    try:
+        response = client.get("/auth/me", headers=auth)
+    finally:
+        psycopg2.extensions.set_wait_callback(real_wait)
+    assert response.status_code == 200 and response.get_json()["username"] == "trips"
+    assert len(waits) == 1, waits
+    with app.app_context():
+        db.engine.dispose()
+
+
+def test_an_autocommit_read_on_a_connection_that_died_leaves_the_pool_whole(pg_database_url):
+    app = create_app(base_settings(DATABASE_URL=pg_database_url, DATABASE_MAX_POOL_SIZE=1))
+    with app.test_request_context("/"):
+        with database.autocommit_read() as connection:
+            assert connection.execute(text("SELECT 1")).scalar_one() == 1
+            connection.connection.driver_connection.close()  # it dies before going back
+        assert db.engine.pool.checkedout() == 0
+        with database.autocommit_read() as connection:  # the pool's one slot is free
+            assert connection.connection.driver_connection.autocommit is True
+            assert connection.execute(text("SELECT 2")).scalar_one() == 2
+        with database.unit_of_work() as session:  # and transactions are transactions again
+            assert session.connection().connection.driver_connection.autocommit is False
         db.engine.dispose()
 
 

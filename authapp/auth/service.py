@@ -203,7 +203,9 @@ def change_password(user: User, sid: str, current_password: str, new_password: s
     """
     account = ratelimit.account_key(user.id, "")
     _count_attempt(account, user.id)
-    if not passwords.verify_password(current_password, user.hashed_password):
+    with unit_of_work() as db:  # the request's user row carries no hash (tokens._SESSION_CHECK)
+        stored = db.scalar(select(User.hashed_password).where(User.id == user.id))
+    if stored is None or not passwords.verify_password(current_password, stored):
         audit.record(audit.PASSWORD_CHANGE_FAILED, user_id=user.id, sid=sid, reason="wrong_password")
         raise InvalidCredentials()
     ratelimit.clear_failures(account)

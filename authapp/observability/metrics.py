@@ -156,7 +156,15 @@ def _endpoint_label() -> str:
     return label
 
 
+# How often a worker writes its pool usage and breaker state (besides every scrape it
+# serves, and every breaker transition): a scrape served by another worker sees figures
+# at most this old. Writing them on every request cost more than counting the request.
+PUBLISH_INTERVAL_SECONDS = 1.0
+_next_publish = 0.0
+
+
 def _observe(response: Response) -> Response:
+    global _next_publish
     metrics = instruments()
     method = request.method if request.method in _METHODS else "OTHER"
     key = (method, _endpoint_label(), str(response.status_code))
@@ -165,10 +173,13 @@ def _observe(response: Response) -> Response:
         series = _series[key] = (metrics.requests.labels(*key), metrics.duration.labels(*key))
     series[0].inc()
     started = g.get("request_started")
+    now = time.perf_counter()
     if started is not None:
-        series[1].observe(time.perf_counter() - started)
-    _publish_breaker_state(metrics)
-    _publish_pool_usage(metrics)
+        series[1].observe(now - started)
+    if now >= _next_publish:
+        _next_publish = now + PUBLISH_INTERVAL_SECONDS
+        _publish_breaker_state(metrics)
+        _publish_pool_usage(metrics)
     return response
 
 
@@ -186,8 +197,8 @@ def _publish_pool_usage(metrics: Instruments) -> None:
     """Write this worker's pool usage, read from the pool itself (not counted from pool
     events, which drift when connections are invalidated, detached or disposed).
 
-    Published at the end of every request and by the scrape, like the breaker state, so
-    that a scrape served by one worker sees the others' last figures.
+    Written once a second by `_observe` and by the scrape, so that a scrape served by one
+    worker sees the others' figures of at most a second ago.
     """
     pool = db.engine.pool
     checked_out = getattr(pool, "checkedout", None)
@@ -213,11 +224,11 @@ def _publish_pool_size(metrics: Instruments) -> None:
 
 
 def _publish_breaker_state(metrics: Instruments) -> None:
-    """Write this worker's breaker state when it changed since the last request.
+    """Write this worker's breaker state when it changed since it was last written.
 
-    Each worker has its own breaker; the state is published at the end of every request
-    (a transition only happens during one) so that a scrape served by another worker
-    still sees it.
+    Each worker has its own breaker; the state is written at every transition (a
+    listener), and once a second by `_observe` (a process forked after the last write
+    has files of its own), so that a scrape served by another worker sees it.
     """
     # Keyed by pid too: a process forked from one that already published has files of its own.
     current = (os.getpid(), breaker().state)
@@ -266,3 +277,17 @@ def init_app(app: Flask) -> None:
         metrics.breaker_state.labels(candidate.value).set(1 if candidate is State.CLOSED else 0)
     app.extensions[_EXTENSION] = {"breaker_state": (os.getpid(), State.CLOSED)}
     app.after_request(_observe)
+
+
+def watch_breaker(app: Flask) -> None:
+    """Write every transition of the app's breaker at once (once it exists)."""
+    metrics = instruments()
+    published = app.extensions[_EXTENSION]
+
+    def transition(_old: State, new: State) -> None:
+        for candidate in State:
+            metrics.breaker_state.labels(candidate.value).set(1 if candidate is new else 0)
+        published["breaker_state"] = (os.getpid(), new)
+
+    with app.app_context():
+        breaker().add_listener(transition)
