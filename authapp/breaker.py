@@ -94,6 +94,13 @@ class CircuitBreaker:
             self._advance()
             return self._state
 
+    def with_state(self, action: Callable[[State], Any]) -> Any:
+        """`action(state)` under the breaker's lock: no transition can come between reading
+        the state and acting on it (a listener publishing transitions won't be overwritten)."""
+        with self._lock:
+            self._advance()
+            return action(self._state)
+
     def _advance(self) -> None:
         if self._state is State.OPEN and self._clock() - self._opened_at >= self.timeout:
             self._trials = 0

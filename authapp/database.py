@@ -16,7 +16,7 @@ from contextvars import ContextVar
 from functools import cache
 from typing import Any
 
-from flask import Flask, current_app, has_request_context
+from flask import Flask, current_app, g, has_request_context
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
@@ -38,13 +38,18 @@ _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 def is_connectivity_error(exc: BaseException) -> bool:
     """A failure to reach the database, as opposed to a query the database refused."""
-    if isinstance(exc, (OperationalError, InterfaceError, PoolTimeoutError)):
+    if isinstance(exc, (OperationalError, InterfaceError, PoolTimeoutError, DisconnectionError)):
         return True
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
 def breaker() -> CircuitBreaker:
     return current_app.extensions[_EXTENSION]
+
+
+def used_database() -> bool:
+    """Whether the current request went through the breaker to the database."""
+    return g.get("authapp_used_database", False)
 
 
 @contextmanager
@@ -54,6 +59,8 @@ def _through_breaker() -> Iterator[None]:
     database; losing the database answers 503 SERVICE_UNAVAILABLE; any other error
     propagates."""
     scope = _in_unit_of_work.set(True)
+    if has_request_context():
+        g.authapp_used_database = True
     try:
         with breaker().guard():
             yield
@@ -98,7 +105,11 @@ def autocommit_read() -> Iterator[Connection]:
         if not hasattr(driver, "autocommit") or connection.dialect.name != "postgresql":
             yield connection  # SQLite: one local file, no round trips to save
             return
-        driver.autocommit = True
+        try:
+            driver.autocommit = True
+        except connection.dialect.loaded_dbapi.Error as exc:  # psycopg2 knows it is closed
+            connection.invalidate()
+            raise DisconnectionError("a pooled connection was closed") from exc
         try:
             yield connection
         finally:

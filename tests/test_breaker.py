@@ -418,3 +418,26 @@ def test_a_request_that_bypasses_unit_of_work_is_caught(app, outside_unit_of_wor
     assert app.test_client().get("/sneaky").status_code == 200
     assert [r.getMessage() for r in outside_unit_of_work] == ["database used outside unit_of_work()"]
     outside_unit_of_work.clear()  # provoked on purpose
+
+
+def test_with_state_acts_before_any_transition_can_come_between():
+    """What /metrics relies on to never write an older state over a newer one."""
+    breaker = CircuitBreaker(threshold=1, timeout=30)
+
+    def trip() -> None:
+        breaker.before_call()
+        breaker.record_failure()
+
+    other = threading.Thread(target=trip)
+    seen = []
+
+    def action(state: State) -> State:
+        other.start()
+        other.join(0.3)
+        seen.append((state, other.is_alive()))  # the transition waits for the lock
+        return state
+
+    assert breaker.with_state(action) is State.CLOSED
+    other.join(5)
+    assert seen == [(State.CLOSED, True)]
+    assert breaker.state is State.OPEN

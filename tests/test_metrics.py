@@ -193,25 +193,57 @@ MULTIPROCESS_SCRIPT = textwrap.dedent(
 )
 
 
-def test_multiprocess_mode_adds_up_the_processes(tmp_path, sqlite_template):
-    """Each process counts in its own file; /metrics, served by a third, sums all of them."""
+def run_multiprocess(script: str, tmp_path: Path, database_url: str) -> tuple[Path, dict]:
+    """Run `script` with a fresh PROMETHEUS_MULTIPROC_DIR; the samples of the /metrics it prints."""
     directory = tmp_path / "metrics"
     directory.mkdir()
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
     result = subprocess.run(
-        [sys.executable, "-c", MULTIPROCESS_SCRIPT, f"sqlite:///{sqlite_template}"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [sys.executable, "-c", script, database_url], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr[-3000:]
     samples = {}
     for family in text_string_to_metric_families(result.stdout):
         for sample in family.samples:
             samples[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+    return directory, samples
+
+
+def test_multiprocess_mode_adds_up_the_processes(tmp_path, sqlite_template):
+    """Each process counts in its own file; /metrics, served by a third, sums all of them."""
+    directory, samples = run_multiprocess(MULTIPROCESS_SCRIPT, tmp_path, f"sqlite:///{sqlite_template}")
     assert requests_of(samples, "GET", "/health/live", "200") == 8
     assert len(list(directory.glob("counter_*.db"))) >= 2
     # A gauge of each process: the breaker is closed in the parent and both children.
     assert value(samples, "authapp_circuit_breaker_state", state="closed") == 3
+
+
+STALE_POOL_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    from authapp import create_app
+    from authapp.extensions import db
+
+    app = create_app({
+        "ENVIRONMENT": "testing", "JWT_SECRET_KEY": "x" * 64, "BCRYPT_ROUNDS": "4",
+        "DATABASE_URL": sys.argv[1], "PROMETHEUS_MULTIPROC_DIR": os.environ["PROMETHEUS_MULTIPROC_DIR"],
+    })
+    pid = os.fork()
+    if pid == 0:  # a worker: a burst that ends within the second
+        client = app.test_client()
+        with app.app_context():
+            held = db.engine.connect()
+            assert client.get("/health/live").status_code == 200  # writes in_use = 1
+            held.close()
+        assert client.get("/health").status_code == 200  # the last request of the burst
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    sys.stdout.write(app.test_client().get("/metrics").get_data(as_text=True))  # served by another
+    """
+)
+
+
+def test_a_scrape_served_by_another_worker_sees_the_pool_as_the_last_request_left_it(tmp_path, sqlite_template):
+    _, samples = run_multiprocess(STALE_POOL_SCRIPT, tmp_path, f"sqlite:///{sqlite_template}")
+    assert value(samples, "authapp_db_pool_connections_in_use") == 0
+    assert value(samples, "authapp_db_pool_connections_open") >= 1

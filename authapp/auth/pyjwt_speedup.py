@@ -10,20 +10,24 @@ segment holds; the rest of PyJWT's function is unchanged. tests/test_tokens.py c
 this function and PyJWT's own agree on every kind of segment, and that it is installed.
 
 It is installed only over the PyJWT release it was written from (requirements.txt pins
-it); any other release keeps its own function.
+it); any other release keeps its own function, and nothing here reaches into PyJWT's
+private names until `install()` has checked the release.
 """
 
 from __future__ import annotations
 
 import binascii
+from collections.abc import Callable
 
 import jwt
-from jwt.api_jws import _BASE64URL_ALPHABET, PyJWS
 from jwt.exceptions import DecodeError
 from jwt.utils import base64url_decode, base64url_encode
 
 WRITTEN_FOR = "2.15.1"
-ORIGINAL = PyJWS.__dict__["_decode_base64url_segment"].__func__
+# PyJWT 2.15.1's jwt.api_jws._BASE64URL_ALPHABET (tests/test_tokens.py compares them).
+BASE64URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+# PyJWT's own function, once `install()` has replaced it.
+original: Callable[[bytes, str], bytes] | None = None
 
 
 def decode_base64url_segment(segment: bytes, name: str) -> bytes:
@@ -41,7 +45,7 @@ def decode_base64url_segment(segment: bytes, name: str) -> bytes:
     if padding and len(segment) % 4 != 0:
         raise DecodeError(f"Invalid {name} padding")
 
-    if len(stripped) % 4 == 1 or stripped.translate(None, _BASE64URL_ALPHABET):
+    if len(stripped) % 4 == 1 or stripped.translate(None, BASE64URL_ALPHABET):
         raise DecodeError(f"Invalid {name} padding")
 
     try:
@@ -57,7 +61,16 @@ def decode_base64url_segment(segment: bytes, name: str) -> bytes:
 
 def install() -> bool:
     """Put the C-speed check in PyJWT's place; True when it is there."""
+    global original
     if jwt.__version__ != WRITTEN_FOR:
         return False
+    try:
+        from jwt.api_jws import PyJWS
+
+        current = PyJWS.__dict__["_decode_base64url_segment"].__func__
+    except (ImportError, KeyError, AttributeError):
+        return False
+    if current is not decode_base64url_segment:
+        original = current
     PyJWS._decode_base64url_segment = staticmethod(decode_base64url_segment)
     return True

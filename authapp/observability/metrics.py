@@ -24,7 +24,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from .. import audit
+from .. import audit, database
 from ..breaker import State
 from ..database import breaker
 from ..extensions import db
@@ -156,9 +156,9 @@ def _endpoint_label() -> str:
     return label
 
 
-# How often a worker writes its pool usage and breaker state (besides every scrape it
-# serves, and every breaker transition): a scrape served by another worker sees figures
-# at most this old. Writing them on every request cost more than counting the request.
+# How often a worker writes its breaker state and pool usage besides every scrape it
+# serves, every breaker transition and (pool usage) every request that used the
+# database: writing them at the end of every request cost more than counting it.
 PUBLISH_INTERVAL_SECONDS = 1.0
 _next_publish = 0.0
 
@@ -180,6 +180,10 @@ def _observe(response: Response) -> Response:
         _next_publish = now + PUBLISH_INTERVAL_SECONDS
         _publish_breaker_state(metrics)
         _publish_pool_usage(metrics)
+    elif database.used_database():
+        # Its connection is back in the pool: so the last request of a burst always
+        # leaves the figures of an idle pool, not those of the burst.
+        _publish_pool_usage(metrics)
     return response
 
 
@@ -197,8 +201,9 @@ def _publish_pool_usage(metrics: Instruments) -> None:
     """Write this worker's pool usage, read from the pool itself (not counted from pool
     events, which drift when connections are invalidated, detached or disposed).
 
-    Written once a second by `_observe` and by the scrape, so that a scrape served by one
-    worker sees the others' figures of at most a second ago.
+    Written by `_observe` after every request that used the database and once a second,
+    and by the scrape, so that a scrape served by one worker sees the others' figures as
+    they were when their last request ended.
     """
     pool = db.engine.pool
     checked_out = getattr(pool, "checkedout", None)
@@ -227,16 +232,21 @@ def _publish_breaker_state(metrics: Instruments) -> None:
     """Write this worker's breaker state when it changed since it was last written.
 
     Each worker has its own breaker; the state is written at every transition (a
-    listener), and once a second by `_observe` (a process forked after the last write
-    has files of its own), so that a scrape served by another worker sees it.
+    listener, `watch`), and once a second by `_observe` (a process forked after the last
+    write has files of its own), so that a scrape served by another worker sees it. Under
+    the breaker's lock, so that a transition cannot come between reading and writing.
     """
-    # Keyed by pid too: a process forked from one that already published has files of its own.
-    current = (os.getpid(), breaker().state)
     published = current_app.extensions[_EXTENSION]
-    if published.get("breaker_state") != current:
-        for candidate in State:
-            metrics.breaker_state.labels(candidate.value).set(1 if candidate is current[1] else 0)
-        published["breaker_state"] = current
+
+    def write(state: State) -> None:
+        # Keyed by pid too: a process forked from one that already published has files of its own.
+        current = (os.getpid(), state)
+        if published.get("breaker_state") != current:
+            for candidate in State:
+                metrics.breaker_state.labels(candidate.value).set(1 if candidate is state else 0)
+            published["breaker_state"] = current
+
+    breaker().with_state(write)
 
 
 # -- The endpoint -------------------------------------------------------------------------------
@@ -280,7 +290,8 @@ def init_app(app: Flask) -> None:
 
 
 def watch_breaker(app: Flask) -> None:
-    """Write every transition of the app's breaker at once (once it exists)."""
+    """Write every transition of the app's breaker at once (once it exists). The listener
+    runs under the breaker's lock."""
     metrics = instruments()
     published = app.extensions[_EXTENSION]
 

@@ -1,0 +1,140 @@
+"""Instructions per request of the app itself, counted by valgrind's callgrind.
+
+`make bench` measures the whole stack in requests/s, and on a machine whose speed drifts
+(this one: the same CPU-bound loop took 1.4 to 2.2 s from one minute to the next) those
+figures move by tens of percent from run to run. Instructions do not: callgrind counts
+the same total for the same code and inputs whatever else the machine is doing. So the
+effect of a change to the app's per-request work is measured here, and its effect on
+requests/s by `make bench`.
+
+For each path the app (wsgi.create_app, on a PostgreSQL database of its own, migrated)
+is called in-process through its WSGI interface: 50 requests to warm up, then N more.
+Two runs under callgrind, with N=0 and N=--requests; the difference divided by N is the
+app's cost of one request, the PostgreSQL server's work excluded. "/" is the bare Flask
+route of bench/bare.py, the reference of `make bench`.
+
+    .venv/bin/python bench/instructions.py [--requests 400] [PATH ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "e2e")]
+
+WARMUP = 50
+PASSWORD = "correct horse battery staple 9"
+
+
+def child(path: str, requests: int) -> None:
+    """Inside valgrind: build the app, get a token, call `path` WARMUP + `requests` times."""
+    from werkzeug.test import EnvironBuilder
+
+    import wsgi
+    from authapp.extensions import db
+    from bench.bare import app as bare
+
+    app = bare if path == "/" else wsgi.app
+    headers = {}
+    if path == "/auth/me":
+        client = wsgi.app.test_client()
+        account = {"email": "counted@example.com", "username": "counted", "password": PASSWORD}
+        reply = client.post("/auth/register", json=account)
+        assert reply.status_code == 201, reply.get_json()
+        headers["Authorization"] = f"Bearer {reply.get_json()['access_token']}"
+    environ = EnvironBuilder(path=path, headers=headers, environ_base={"REMOTE_ADDR": "127.0.0.1"}).get_environ()
+
+    def start_response(status: str, *_: object) -> None:
+        assert status.startswith("200"), status
+
+    for _ in range(WARMUP + requests):
+        for _chunk in app(dict(environ), start_response):
+            pass
+    with wsgi.app.app_context():
+        db.engine.dispose()
+
+
+def count(path: str, requests: int, env: dict[str, str], admin_url: str) -> int:
+    """Instructions of one child run (callgrind's total), on a database of its own."""
+    from stack import create_database, drop_database
+
+    name = f"authapp_instr_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    env = {**env, "DATABASE_URL": create_database(admin_url, name)}
+    try:
+        subprocess.run(
+            [str(Path(sys.executable).parent / "flask"), "--app", "wsgi", "db", "upgrade"],
+            cwd=ROOT,
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            done = subprocess.run(
+                [
+                    "valgrind",
+                    "--tool=callgrind",
+                    f"--callgrind-out-file={tmp}/callgrind.out",
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    "--requests",
+                    str(requests),
+                    path,
+                ],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
+    finally:
+        drop_database(admin_url, name)
+    found = re.search(r"Collected : (\d+)", done.stderr) or re.search(r"refs:\s+([\d,]+)", done.stderr)
+    if done.returncode != 0 or found is None:
+        raise RuntimeError(f"valgrind failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    return int(found.group(1).replace(",", ""))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="*", default=["/", "/health/live", "/auth/me"])
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("BENCH_DATABASE_URL")
+        or os.environ.get("TEST_DATABASE_URL")
+        or "postgresql://postgres@127.0.0.1:5432/postgres",
+        help="a PostgreSQL role that may create databases",
+    )
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.paths[0], args.requests)
+        return 0
+    env = {
+        **os.environ,
+        "ENVIRONMENT": "production",
+        "JWT_SECRET_KEY": "i" * 64,
+        "RATELIMIT_ENABLED": "false",
+        "LOG_LEVEL": "INFO",
+        "BCRYPT_ROUNDS": "4",
+        "PYTHONHASHSEED": "0",  # the same dict and set orders in both runs
+    }
+    for path in args.paths:
+        counted = count(path, args.requests, env, args.database_url)
+        baseline = count(path, 0, env, args.database_url)
+        print(f"{path}: {(counted - baseline) / args.requests:,.0f} instructions per request", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
