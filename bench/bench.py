@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -58,20 +59,22 @@ def cpu_total() -> tuple[int, int]:
 
 
 def cpu_of(pids: set[int]) -> dict[int, int]:
-    """utime + stime (jiffies) of each of these processes that still exists."""
+    """utime + stime (jiffies) of each of these processes that still exists, and of its
+    children that exited and were reaped (cutime + cstime): a uWSGI worker recycled
+    during a run (max-requests) is counted in its master."""
     times = {}
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        times[pid] = int(fields[11]) + int(fields[12])
+        times[pid] = sum(int(value) for value in fields[11:15])
     return times
 
 
 def cpu_used(before: dict[int, int], after: dict[int, int]) -> int:
-    """CPU used between two samples: a process that appeared counts whole, one that exited
-    (a recycled worker) counts 0, so the benchmark's share is then a lower bound."""
+    """CPU used between two samples: a process that appeared counts whole; one that
+    exited counts in its parent once reaped (cpu_of)."""
     return sum(ticks - before.get(pid, 0) for pid, ticks in after.items())
 
 
@@ -127,11 +130,13 @@ def lua_string(value: str) -> str:
 
 
 class Runner:
-    def __init__(self, seconds: float, warmup: float, tracked_groups: set[int], tracked_pids: set[int]):
+    def __init__(
+        self, seconds: float, warmup: float, tracked_groups: set[int], backends: Callable[[], set[int]]
+    ) -> None:
         self.seconds = seconds
         self.warmup = warmup
         self.tracked_groups = tracked_groups
-        self.tracked_pids = tracked_pids
+        self.backends = backends  # the stack's PostgreSQL server processes, which come and go
 
     def wrk(self, url: str, connections: int, seconds: float, script: str, headers: dict[str, str]) -> dict:
         with tempfile.NamedTemporaryFile("w", suffix=".lua", dir=BENCH, delete=False) as handle:
@@ -161,17 +166,20 @@ class Runner:
         self.settle()
         row.load_before = loadavg()
         busy0, all0 = cpu_total()
-        ours0 = cpu_of(self.tracked_pids | group_members(self.tracked_groups))
+        ours0 = cpu_of(self.tracked())
         wrk0 = children_cpu()
         row.result = self.wrk(url, row.connections, row.seconds, script, headers)
         wrk1 = children_cpu()
         busy1, all1 = cpu_total()
-        ours1 = cpu_of(self.tracked_pids | group_members(self.tracked_groups))
+        ours1 = cpu_of(self.tracked())
         row.load_after = loadavg()
         total = max(all1 - all0, 1)
         row.ours_cpu = (cpu_used(ours0, ours1) + wrk1 - wrk0) / total
         row.others_cpu = max(0.0, (busy1 - busy0) / total - row.ours_cpu)
         return row
+
+    def tracked(self) -> set[int]:
+        return self.backends() | group_members(self.tracked_groups)
 
     def settle(self, quiet: float = 0.05, interval: float = 0.2, limit: float = 15.0) -> None:
         """Wait until the stack is idle. When wrk stops, the requests it leaves in flight
@@ -181,7 +189,7 @@ class Runner:
         ticks = interval * os.sysconf("SC_CLK_TCK")
         deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
-            pids = self.tracked_pids | group_members(self.tracked_groups)
+            pids = self.tracked()
             before = cpu_of(pids)
             time.sleep(interval)
             if cpu_used(before, cpu_of(pids)) <= quiet * ticks:
@@ -319,7 +327,7 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
 
         groups = {i.process.pid for st in stacks for i in st.started if i.process}
         groups |= {st.nginx.pid for st in stacks if st.nginx}
-        runner = Runner(args.seconds, args.warmup, groups, postgres_backends(args.database_url, database))
+        runner = Runner(args.seconds, args.warmup, groups, lambda: postgres_backends(args.database_url, database))
         bcrypt_times = bcrypt_seconds(args.rounds, args.bcrypt_samples)
         tokens = lua_string(",".join(s["refresh_token"] for s in sessions))
         login = lua_string(json.dumps({"username": user, "password": PASSWORD}))
