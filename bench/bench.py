@@ -39,7 +39,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "e2e")]
 
-from stack import PASSWORD, Stack, app_log_entry, call, create_database, drop_database  # noqa: E402
+from stack import (  # noqa: E402
+    PASSWORD,
+    Stack,
+    admin_connection,
+    app_log_entry,
+    call,
+    create_database,
+    drop_database,
+)
 
 BENCH = ROOT / "bench"
 README = ROOT / "README.md"
@@ -249,19 +257,11 @@ def _which(name: str) -> bool:
 
 
 def postgres_backends(admin_url: str, database: str) -> set[int]:
-    import psycopg2
     from sqlalchemy.engine import make_url
 
-    url = make_url(admin_url)
-    conn = psycopg2.connect(
-        host=url.host, port=url.port or 5432, user=url.username, password=url.password, dbname=url.database
-    )
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s", (database,))
-            return {row[0] for row in cur.fetchall()}
-    finally:
-        conn.close()
+    with admin_connection(make_url(admin_url)) as conn, conn.cursor() as cur:
+        cur.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s", (database,))
+        return {row[0] for row in cur.fetchall()}
 
 
 def login_pairs(url: str, tls, username: str, count: int) -> list[dict[str, Any]]:
@@ -287,22 +287,18 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
     for option in args.uwsgi_option:
         name, _, value = option.partition("=")
         overrides += (f"--{name}", value)
-    app = Stack(
-        workdir / "app",
-        database_url,
-        instances=args.instances,
-        env=env,
-        nginx_workers=args.nginx_workers,
-        uwsgi_args=overrides,
-    )
-    bare = Stack(
-        workdir / "bare",
-        database_url,
-        instances=args.instances,
-        env=env,
-        nginx_workers=args.nginx_workers,
-        uwsgi_args=(*overrides, "--module", "bench.bare:app"),
-    )
+
+    def stack(name: str, *uwsgi_args: str) -> Stack:
+        return Stack(
+            workdir / name,
+            database_url,
+            instances=args.instances,
+            env=env,
+            nginx_workers=args.nginx_workers,
+            uwsgi_args=(*overrides, *uwsgi_args),
+        )
+
+    app, bare = stack("app"), stack("bare", "--module", "bench.bare:app")
     stacks: list[Stack] = []
     try:
         for stack in (app, bare):

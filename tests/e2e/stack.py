@@ -42,7 +42,7 @@ def create_database(admin_url: str, name: str) -> str:
     from sqlalchemy.engine import make_url
 
     url = make_url(admin_url)
-    with _admin_connection(url) as conn, conn.cursor() as cur:
+    with admin_connection(url) as conn, conn.cursor() as cur:
         cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         cur.execute(f'CREATE DATABASE "{name}"')
     return url.set(drivername="postgresql+psycopg2", database=name).render_as_string(hide_password=False)
@@ -51,12 +51,12 @@ def create_database(admin_url: str, name: str) -> str:
 def drop_database(admin_url: str, name: str) -> None:
     from sqlalchemy.engine import make_url
 
-    with _admin_connection(make_url(admin_url)) as conn, conn.cursor() as cur:
+    with admin_connection(make_url(admin_url)) as conn, conn.cursor() as cur:
         cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @contextmanager
-def _admin_connection(url: Any) -> Iterator[Any]:
+def admin_connection(url: Any) -> Iterator[Any]:
     import psycopg2
 
     conn = psycopg2.connect(
