@@ -20,11 +20,10 @@ from datetime import timedelta
 from typing import Any
 
 import flask_migrate
-import psycopg2
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from helpers import PASSWORD, TEST_DATABASE_URL, base_settings
+from helpers import PASSWORD, TEST_DATABASE_URL, admin_connection, base_settings
 from sqlalchemy.engine import make_url
 
 from authapp import create_app
@@ -73,28 +72,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
 # -- PostgreSQL databases -------------------------------------------------------------
 
 
-def _pg_admin():
-    url = make_url(TEST_DATABASE_URL)
-    conn = psycopg2.connect(
-        host=url.host or "127.0.0.1",
-        port=url.port or 5432,
-        user=url.username or "postgres",
-        password=url.password,
-        dbname=url.database or "postgres",
-    )
-    conn.autocommit = True
-    return conn
-
-
 def pg_create_database(name: str, template: str | None = None) -> str:
     """Create a database on the test server and return its URL."""
-    conn = _pg_admin()
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            cur.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
-    finally:
-        conn.close()
+    with admin_connection(make_url(TEST_DATABASE_URL)) as conn, conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        cur.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
     return (
         make_url(TEST_DATABASE_URL)
         .set(drivername="postgresql+psycopg2", database=name)
@@ -103,10 +85,8 @@ def pg_create_database(name: str, template: str | None = None) -> str:
 
 
 def pg_drop_database(name: str) -> None:
-    conn = _pg_admin()
-    with conn.cursor() as cur:
+    with admin_connection(make_url(TEST_DATABASE_URL)) as conn, conn.cursor() as cur:
         cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    conn.close()
 
 
 # -- Templates built by the migrations ------------------------------------------------

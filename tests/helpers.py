@@ -266,3 +266,23 @@ def post_json(url: str, body: dict[str, Any], timeout: float = 30) -> tuple[int,
     """POST a JSON body to a live server: (status, parsed JSON body)."""
     status, _, answer = http("POST", url, body, timeout=timeout)
     return status, answer or {}
+
+
+@contextmanager
+def admin_connection(url: Any) -> Iterator[Any]:
+    """An autocommit psycopg2 connection to the server of `url` (a SQLAlchemy URL), for
+    CREATE/DROP DATABASE and pg_stat_activity; closed at the end of the block."""
+    import psycopg2
+
+    conn = psycopg2.connect(
+        host=url.host or "127.0.0.1",
+        port=url.port or 5432,
+        user=url.username or "postgres",
+        password=url.password,
+        dbname=url.database or "postgres",
+    )
+    conn.autocommit = True
+    try:
+        yield conn
+    finally:
+        conn.close()

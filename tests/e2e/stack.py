@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from helpers import admin_connection
+
 ROOT = Path(__file__).resolve().parents[2]
 UWSGI_INI = ROOT / "uwsgi.ini"
 NGINX_CONF = ROOT / "nginx.conf"
@@ -53,24 +55,6 @@ def drop_database(admin_url: str, name: str) -> None:
 
     with admin_connection(make_url(admin_url)) as conn, conn.cursor() as cur:
         cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@contextmanager
-def admin_connection(url: Any) -> Iterator[Any]:
-    import psycopg2
-
-    conn = psycopg2.connect(
-        host=url.host or "127.0.0.1",
-        port=url.port or 5432,
-        user=url.username or "postgres",
-        password=url.password,
-        dbname=url.database or "postgres",
-    )
-    conn.autocommit = True
-    try:
-        yield conn
-    finally:
-        conn.close()
 
 
 @contextmanager
