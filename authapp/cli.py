@@ -20,7 +20,7 @@ from .errors import AppError
 from .schemas import RegisterSchema
 from .timeutil import iso
 
-users = AppGroup("users", help="Create, list, activate and deactivate users; set a password.")
+users = AppGroup("users", help="Create, list, activate, deactivate and delete users; set a password.")
 sessions = AppGroup("sessions", help="Revoke and prune sessions.")
 
 
@@ -37,9 +37,21 @@ def _clean_errors(command: Callable) -> Callable:
     return wrapper
 
 
+def _has_terminal() -> bool:
+    return sys.stdin.isatty()
+
+
+def _need_terminal(instead: str) -> None:
+    """A prompt needs a terminal: without one, say what to do instead (getpass would warn,
+    read an empty line and abort)."""
+    if not _has_terminal():
+        raise click.ClickException(f"no terminal to ask on: {instead}")
+
+
 def _read_password(from_stdin: bool) -> str:
     if from_stdin:
         return sys.stdin.readline().rstrip("\n")
+    _need_terminal("give --password-stdin and write the password to standard input")
     return click.prompt("Password", hide_input=True, confirmation_prompt=True)
 
 
@@ -74,6 +86,7 @@ def create_user(email: str, username: str, password_stdin: bool) -> None:
 @_clean_errors
 def list_users(active_only: bool) -> None:
     """List users: id, username, email, active, created, last login."""
+    click.echo("id\tusername\temail\tstate\tcreated\tlast_login")
     for user in service.list_users(include_inactive=not active_only):
         last = iso(user.last_login) if user.last_login else "-"
         state = "active" if user.is_active else "inactive"
@@ -86,6 +99,9 @@ def list_users(active_only: bool) -> None:
 def deactivate(user: str) -> None:
     """Deactivate USER (id, email or username) and end all of its sessions."""
     found = service.find_user(user)
+    if not found.is_active:
+        click.echo(f"user {found.id} {found.username} is already inactive; nothing changed")
+        return
     revoked = service.set_active(found, False)
     click.echo(f"deactivated user {found.id} {found.username}; {revoked} session(s) revoked")
 
@@ -96,8 +112,27 @@ def deactivate(user: str) -> None:
 def activate(user: str) -> None:
     """Activate USER (id, email or username) again."""
     found = service.find_user(user)
+    if found.is_active:
+        click.echo(f"user {found.id} {found.username} is already active; nothing changed")
+        return
     service.set_active(found, True)
     click.echo(f"activated user {found.id} {found.username}")
+
+
+@users.command("delete")
+@click.argument("user")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@_clean_errors
+def delete_user(user: str, yes: bool) -> None:
+    """Delete USER (id, email or username) with its sessions and tokens, for good.
+
+    The audit trail keeps a line with the user's id only."""
+    found = service.find_user(user)
+    if not yes:
+        _need_terminal("give --yes to delete without confirmation")
+        click.confirm(f"Delete user {found.id} {found.username} <{found.email}> for good?", abort=True)
+    sessions = service.delete_user(found)
+    click.echo(f"deleted user {found.id}; {sessions} session(s) deleted")
 
 
 @users.command("set-password")

@@ -453,3 +453,18 @@ def prune(revoked_older_than: timedelta) -> tuple[int, int]:
         ).rowcount
         refresh_tokens = db.execute(delete(RefreshToken).where(RefreshToken.expires_at <= now)).rowcount
     return sessions, refresh_tokens
+
+
+def delete_user(user: User) -> int:
+    """Erase a user (operators): the account, its sessions and their refresh tokens, in one
+    transaction. The audit line keeps the id only, no personal data. Returns the sessions."""
+    with unit_of_work() as db:
+        sessions = db.scalar(select(func.count()).select_from(AuthSession).where(AuthSession.user_id == user.id))
+        session_ids = select(AuthSession.id).where(AuthSession.user_id == user.id)
+        db.execute(delete(RefreshToken).where(RefreshToken.session_id.in_(session_ids)))
+        db.execute(delete(AuthSession).where(AuthSession.user_id == user.id))
+        deleted = db.execute(delete(User).where(User.id == user.id)).rowcount
+    if not deleted:
+        raise NotFound(f"No user matches {str(user.id)!r}")
+    audit.record(audit.USER_DELETED, user_id=user.id, sessions_deleted=sessions, by="operator")
+    return sessions
