@@ -28,6 +28,8 @@ GROUPS = [
           "make browser"),
     Group("end-to-end", "end-to-end suite", "nginx, uWSGI and deploy/install.sh on PostgreSQL",
           f"TEST_DATABASE_URL={PG_URL} make e2e"),
+    Group("promtool", "promtool", "the alert rules and dashboard queries, checked by Prometheus' promtool",
+          "install promtool (.ci/run unpacks it from Debian's prometheus package), then make test"),
     Group("timing", "timing suite", "login timing at the production bcrypt cost (slow)",
           "make test PYTEST_ARGS='--with timing'"),
     Group("fuzz", "fuzz suite", "schemathesis and hypothesis fuzzing (slow)",
@@ -50,7 +52,7 @@ def summary(reasons: Iterable[str], total: int) -> list[str]:
             lines.append(f"  {group.name:<11} {counts[group]:>4}  {group.why}")
             lines.append(f"  {'':<11} {'':>4}  run: {group.command}")
     for reason, count in sorted(((r, c) for r, c in counts.items() if isinstance(r, str)), key=lambda rc: -rc[1]):
-        lines.append(f"  {'other':<11} {count:>4}  {reason} (no command: that check exists on PostgreSQL only)")
+        lines.append(f"  {'other':<11} {count:>4}  {reason}")
     if 2 * len(reasons) > total:
         why = "the slower suites run only when asked"
         if counts[GROUPS[0]]:
