@@ -36,8 +36,9 @@
 #   AUTHAPP_WAIT_SECONDS=120          how long an instance may take to answer
 set -euo pipefail
 umask 022
-
 APP_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd /   # every path below is absolute; psql and the app never start in root's home
+
 PREFIX="${AUTHAPP_PREFIX:-}"
 SYSTEMD="${AUTHAPP_SYSTEMD:-yes}"
 APT="${AUTHAPP_APT:-yes}"
