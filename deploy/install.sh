@@ -418,7 +418,10 @@ wait_for() {   # wait_for WHAT COMMAND...: until the command succeeds, at most W
     local what="$1" deadline=$((SECONDS + WAIT_SECONDS))
     shift
     until "$@"; do
-        [ "$SECONDS" -lt "$deadline" ] || return 1
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            echo "install.sh: gave up waiting for $what after ${WAIT_SECONDS}s" >&2
+            return 1
+        fi
         sleep 0.5
     done
 }

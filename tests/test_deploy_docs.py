@@ -21,6 +21,16 @@ def test_install_script_is_valid_bash():
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.skipif(
+    shutil.which("shellcheck") is None, reason="shellcheck is not installed (apt-get install shellcheck)"
+)
+def test_install_script_passes_shellcheck():
+    result = subprocess.run(
+        ["shellcheck", "--severity=warning", str(INSTALL)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout
+
+
 def test_every_knob_of_the_script_is_documented_and_no_other():
     script = set(re.findall(r"\$\{(AUTHAPP_[A-Z_]+):", INSTALL.read_text()))
     table = DEPLOYMENT.read_text().split("### Settings of the script", 1)[1].split("\n## ", 1)[0]
