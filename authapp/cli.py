@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from datetime import timedelta
 from functools import wraps
+from typing import Any, cast
 
 import click
 from flask import Flask, current_app
@@ -44,12 +45,13 @@ def _read_password(from_stdin: bool) -> str:
     return click.prompt("Password", hide_input=True, confirmation_prompt=True)
 
 
-def _checked(email: str, username: str, password: str) -> dict:
+def _checked(email: str, username: str, password: str) -> dict[str, Any]:
     """Apply the API's own rules for a new account (or a new password)."""
     try:
         return RegisterSchema().load({"email": email, "username": username, "password": password})
     except ValidationError as error:
-        lines = [f"{field}: {' '.join(messages)}" for field, messages in sorted(error.messages.items())]
+        messages = cast(dict[str, list[str]], error.messages)  # a schema's errors: by field
+        lines = [f"{field}: {' '.join(texts)}" for field, texts in sorted(messages.items())]
         raise click.ClickException("; ".join(lines)) from None
 
 

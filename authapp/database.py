@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
 from flask import Flask, current_app, has_request_context
 from sqlalchemy import event
@@ -92,7 +92,7 @@ def _through_breaker() -> Iterator[None]:
 def unit_of_work() -> Iterator[Session]:
     """One transaction through the breaker: committed when the block ends, rolled back
     when it raises (errors as in `_through_breaker`)."""
-    session = db.session
+    session = cast(Session, db.session)  # the scoped session proxies the request's Session
     with _through_breaker():
         try:
             yield session
@@ -114,7 +114,7 @@ def autocommit_read() -> Iterator[Connection]:
     pool, never handed out again.
     """
     with _through_breaker(), db.engine.connect() as connection:
-        driver = connection.connection.driver_connection
+        driver: Any = connection.connection.driver_connection
         if not hasattr(driver, "autocommit") or connection.dialect.name != "postgresql":
             yield connection  # SQLite: one local file, no round trips to save
             return

@@ -67,14 +67,14 @@ def cache_sync_callables(app: Flask) -> bool:
 # -- lean_log_records ---------------------------------------------------------------------
 
 _LOGGING_DEFAULTS = {"logThreads": logging.logThreads, "logMultiprocessing": logging.logMultiprocessing}
-_SRCFILE = logging._srcfile  # type: ignore[attr-defined]
+_SRCFILE = logging._srcfile
 
 
 def lean_log_records(on: bool = True) -> bool:
     """Stop (or, with on=False, resume) collecting what our log lines never show."""
     logging.logThreads = not on and _LOGGING_DEFAULTS["logThreads"]
     logging.logMultiprocessing = not on and _LOGGING_DEFAULTS["logMultiprocessing"]
-    logging._srcfile = None if on else _SRCFILE  # type: ignore[attr-defined]
+    logging._srcfile = None if on else _SRCFILE
     return True
 
 
@@ -131,9 +131,9 @@ def pyjwt_segments(on: bool = True) -> bool:
     if current is not decode_base64url_segment:
         original = current
     if on:
-        PyJWS._decode_base64url_segment = staticmethod(decode_base64url_segment)  # type: ignore[attr-defined]
+        PyJWS._decode_base64url_segment = staticmethod(decode_base64url_segment)  # type: ignore[method-assign]
     elif original is not None:
-        PyJWS._decode_base64url_segment = staticmethod(original)  # type: ignore[attr-defined]
+        PyJWS._decode_base64url_segment = staticmethod(original)  # type: ignore[method-assign,assignment]
     return True
 
 

@@ -16,7 +16,7 @@ from . import passwords, sessions
 from .context import Client
 
 
-def user_query(*, email: str | None = None, username: str | None = None) -> Select[tuple[User]]:
+def user_query(*, email: str | None = None, username: str | None = None) -> Select[Any]:
     """A user by email or by username, both without regard to case (an index on each)."""
     if email is not None:
         return select(User).where(func.lower(User.email) == email.strip().lower())

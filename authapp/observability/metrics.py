@@ -71,7 +71,7 @@ def _use_uwsgi_worker_ids() -> None:
     instances apart.
     """
     try:
-        import uwsgi  # type: ignore[import-not-found]  # present only inside uWSGI
+        import uwsgi  # present only inside uWSGI
     except ImportError:
         return
     values.ValueClass = values.MultiProcessValue(process_identifier=lambda: f"w{uwsgi.worker_id()}")
