@@ -85,6 +85,12 @@ def test_readme_links_every_docs_page():
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(ROOT)))
+def test_code_fences_are_closed(page):
+    fences = [line for line in page.read_text().splitlines() if line.startswith("```")]
+    assert len(fences) % 2 == 0, f"{page.name} has an unclosed code block"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(ROOT)))
 def test_no_internal_words(page):
     text = page.read_text()
     found = [match.group(0) for pattern in INTERNAL_WORDS for match in pattern.finditer(text)]
