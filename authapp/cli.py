@@ -15,10 +15,11 @@ from flask import Flask, current_app
 from flask.cli import AppGroup
 from marshmallow import ValidationError
 
-from .auth import service
+from .auth import accounts
+from .auth import sessions as auth_sessions
+from .clock import iso
 from .errors import AppError
 from .schemas import RegisterSchema
-from .timeutil import iso
 
 users = AppGroup("users", help="Create, list, activate and deactivate users; set a password.")
 sessions = AppGroup("sessions", help="Revoke and prune sessions.")
@@ -65,7 +66,7 @@ password_option = click.option(
 def create_user(email: str, username: str, password_stdin: bool) -> None:
     """Create a user (the password is prompted for, or read from stdin)."""
     data = _checked(email, username, _read_password(password_stdin))
-    user = service.create_user(**data)
+    user, _ = accounts.create(**data)
     click.echo(f"created user {user.id} {user.username} <{user.email}>")
 
 
@@ -74,7 +75,7 @@ def create_user(email: str, username: str, password_stdin: bool) -> None:
 @_clean_errors
 def list_users(active_only: bool) -> None:
     """List users: id, username, email, active, created, last login."""
-    for user in service.list_users(include_inactive=not active_only):
+    for user in accounts.list_users(include_inactive=not active_only):
         last = iso(user.last_login) if user.last_login else "-"
         state = "active" if user.is_active else "inactive"
         click.echo(f"{user.id}\t{user.username}\t{user.email}\t{state}\t{iso(user.created_at)}\t{last}")
@@ -85,8 +86,8 @@ def list_users(active_only: bool) -> None:
 @_clean_errors
 def deactivate(user: str) -> None:
     """Deactivate USER (id, email or username) and end all of its sessions."""
-    found = service.find_user(user)
-    revoked = service.set_active(found, False)
+    found = accounts.find_user(user)
+    revoked = accounts.set_active(found, False)
     click.echo(f"deactivated user {found.id} {found.username}; {revoked} session(s) revoked")
 
 
@@ -95,8 +96,8 @@ def deactivate(user: str) -> None:
 @_clean_errors
 def activate(user: str) -> None:
     """Activate USER (id, email or username) again."""
-    found = service.find_user(user)
-    service.set_active(found, True)
+    found = accounts.find_user(user)
+    accounts.set_active(found, True)
     click.echo(f"activated user {found.id} {found.username}")
 
 
@@ -106,9 +107,9 @@ def activate(user: str) -> None:
 @_clean_errors
 def set_password(user: str, password_stdin: bool) -> None:
     """Set USER's password (policy applies) and end all of its sessions."""
-    found = service.find_user(user)
+    found = accounts.find_user(user)
     data = _checked(found.email, found.username, _read_password(password_stdin))
-    revoked = service.set_password(found, data["password"])
+    revoked, _ = accounts.replace_password(found, data["password"])
     click.echo(f"password set for user {found.id} {found.username}; {revoked} session(s) revoked")
 
 
@@ -117,8 +118,8 @@ def set_password(user: str, password_stdin: bool) -> None:
 @_clean_errors
 def revoke_all(user: str) -> None:
     """End every session of USER (id, email or username)."""
-    found = service.find_user(user)
-    revoked = service.revoke_all(found)
+    found = accounts.find_user(user)
+    revoked = auth_sessions.end_all(found.id, auth_sessions.ADMIN, by="operator")
     click.echo(f"{revoked} session(s) revoked for user {found.id} {found.username}")
 
 
@@ -133,7 +134,7 @@ def revoke_all(user: str) -> None:
 def prune(revoked_days: int | None) -> None:
     """Delete expired sessions, long-revoked sessions and expired refresh tokens."""
     days = revoked_days if revoked_days is not None else current_app.config["REFRESH_TOKEN_EXPIRE_DAYS"]
-    deleted_sessions, deleted_tokens = service.prune(timedelta(days=days))
+    deleted_sessions, deleted_tokens = auth_sessions.prune(timedelta(days=days))
     click.echo(f"pruned {deleted_sessions} session(s) and {deleted_tokens} refresh token(s)")
 
 

@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "e2e")]
+sys.path[:0] = [str(ROOT)]
 
-from stack import (  # noqa: E402
+from devtools.stack import (  # noqa: E402
     PASSWORD,
     Stack,
     admin_connection,

@@ -9,7 +9,8 @@ import subprocess
 import sys
 
 import pytest
-from stack import ROOT
+
+from devtools.stack import ROOT
 
 # The bare route runs before and after each row compared with it.
 ROWS = [
