@@ -1,5 +1,5 @@
-"""docs/verifying-tokens.md: its PyJWT code, run as written, accepts authapp's access tokens
-and refuses everything else."""
+"""docs/deployment.md, "How your own backend checks an authapp token": its PyJWT code,
+run as written, accepts authapp's access tokens and refuses everything else."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import jwt
 import pytest
 from helpers import SECRET
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "verifying-tokens.md"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "deployment.md"
 
 
 @pytest.fixture(scope="module")

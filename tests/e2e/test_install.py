@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import admin_connection
 from sqlalchemy.engine import make_url
-from stack import PASSWORD, ROOT, call, free_port
+
+from devtools.postgres import admin_connection
+from devtools.stack import PASSWORD, ROOT, call, free_port
 
 DOMAIN = "auth.install.test"
 # A first install creates a virtualenv and installs requirements-deploy.txt into it
