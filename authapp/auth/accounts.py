@@ -133,7 +133,7 @@ def delete_user(user: User) -> int:
         session_ids = select(AuthSession.id).where(AuthSession.user_id == user.id)
         db.execute(delete(RefreshToken).where(RefreshToken.session_id.in_(session_ids)))
         db.execute(delete(AuthSession).where(AuthSession.user_id == user.id))
-        deleted = db.execute(delete(User).where(User.id == user.id)).rowcount
+        deleted = db.execute(delete(User).where(User.id == user.id)).rowcount  # type: ignore[attr-defined]
     if not deleted:
         raise NotFound(f"No user matches {str(user.id)!r}")
     audit.record(audit.USER_DELETED, user_id=user.id, sessions_deleted=count, by="operator")
