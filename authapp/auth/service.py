@@ -172,7 +172,6 @@ def login(password: str, email: str | None = None, username: str | None = None) 
     if reason is not None:
         audit.record(audit.LOGIN_FAILURE, user_id=user.id if user else None, reason=reason)
         raise InvalidCredentials()
-    ratelimit.clear_failures(account)
 
     now = utcnow()
     values: dict[str, Any] = {"last_login": now}
@@ -180,11 +179,31 @@ def login(password: str, email: str | None = None, username: str | None = None) 
         values["hashed_password"] = passwords.hash_password(password, _rounds())
         values["updated_at"] = now
     with unit_of_work() as db:
-        db.execute(update(User).where(User.id == user.id).values(**values))
-        issued = _start_session(db, user.id, now)
+        # Only if the hash checked above is still the stored one and the user still
+        # active: a password change, reset or deactivation that committed while bcrypt
+        # ran wins, and a rehash never overwrites a newer password's hash. The UPDATE
+        # also locks the user's row until the session is committed.
+        won = _write_if_unchanged(db, user.id, user.hashed_password, values)
+        if won:
+            issued = _start_session(db, user.id, now)
+    if not won:
+        audit.record(audit.LOGIN_FAILURE, user_id=user.id, reason="credentials_changed")
+        raise InvalidCredentials()
+    ratelimit.clear_failures(account)
     user.last_login = now
     audit.record(audit.LOGIN_SUCCESS, user_id=user.id, sid=issued.session.id)
     return _pair(user, issued)
+
+
+def _write_if_unchanged(db: Session, user_id: int, checked_hash: str, values: dict[str, Any]) -> bool:
+    """Update the user only if its stored hash is still `checked_hash` and it is still
+    active; False when a password change, reset or deactivation came first."""
+    result = db.execute(
+        update(User)
+        .where(User.id == user_id, User.hashed_password == checked_hash, User.is_active.is_(True))
+        .values(**values)
+    )
+    return result.rowcount == 1
 
 
 def _count_attempt(account: str, user_id: int | None) -> None:
@@ -208,15 +227,21 @@ def change_password(user: User, sid: str, current_password: str, new_password: s
     if stored is None or not passwords.verify_password(current_password, stored):
         audit.record(audit.PASSWORD_CHANGE_FAILED, user_id=user.id, sid=sid, reason="wrong_password")
         raise InvalidCredentials()
-    ratelimit.clear_failures(account)
     if passwords.normalize(new_password) == passwords.normalize(current_password):
         raise ValidationFailed(errors={"new_password": ["New password must differ from the current one."]})
     hashed = passwords.hash_password(new_password, _rounds())
     now = utcnow()
     with unit_of_work() as db:
-        db.execute(update(User).where(User.id == user.id).values(hashed_password=hashed, updated_at=now))
-        revoked = _revoke(db, PASSWORD_CHANGED, now, AuthSession.user_id == user.id)
-        issued = _start_session(db, user.id, now)
+        # Only over the hash just checked: of two changes racing with the same current
+        # password, or a change racing a reset or a deactivation, the first one wins.
+        won = _write_if_unchanged(db, user.id, stored, {"hashed_password": hashed, "updated_at": now})
+        if won:
+            revoked = _revoke(db, PASSWORD_CHANGED, now, AuthSession.user_id == user.id)
+            issued = _start_session(db, user.id, now)
+    if not won:
+        audit.record(audit.PASSWORD_CHANGE_FAILED, user_id=user.id, sid=sid, reason="credentials_changed")
+        raise InvalidCredentials()
+    ratelimit.clear_failures(account)
     audit.record(audit.PASSWORD_CHANGED, user_id=user.id, sid=issued.session.id, sessions_revoked=revoked)
     return _pair(user, issued)
 
