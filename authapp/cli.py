@@ -15,6 +15,7 @@ from flask import Flask, current_app
 from flask.cli import AppGroup
 from marshmallow import ValidationError
 
+from . import ratelimit
 from .auth import service
 from .errors import AppError
 from .schemas import RegisterSchema
@@ -131,10 +132,15 @@ def revoke_all(user: str) -> None:
 )
 @_clean_errors
 def prune(revoked_days: int | None) -> None:
-    """Delete expired sessions, long-revoked sessions and expired refresh tokens."""
+    """Delete expired sessions, long-revoked sessions, refresh tokens no replay needs, and
+    login attempts past the lockout window."""
     days = revoked_days if revoked_days is not None else current_app.config["REFRESH_TOKEN_EXPIRE_DAYS"]
     deleted_sessions, deleted_tokens = service.prune(timedelta(days=days))
-    click.echo(f"pruned {deleted_sessions} session(s) and {deleted_tokens} refresh token(s)")
+    deleted_attempts = ratelimit.prune_attempts()
+    click.echo(
+        f"pruned {deleted_sessions} session(s), {deleted_tokens} refresh token(s)"
+        f" and {deleted_attempts} login attempt(s)"
+    )
 
 
 def init_app(app: Flask) -> None:

@@ -92,3 +92,25 @@ class RefreshToken(db.Model):
     issued_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class LoginGuard(db.Model):
+    """One row per account whose login attempts are counted: the row a counting
+    transaction locks, so that parallel attempts on one account are counted one by one."""
+
+    __tablename__ = "login_guards"
+
+    key: Mapped[str] = mapped_column(String(80), primary_key=True)
+
+
+class LoginAttempt(db.Model):
+    """One counted login attempt on an account (`key`: `user:<id>`, or a hash of an
+    identifier that names no account), kept for LOGIN_FAILURE_WINDOW."""
+
+    __tablename__ = "login_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(80), nullable=False)
+    attempted_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+    __table_args__ = (Index("ix_login_attempts_key_attempted_at", key, attempted_at),)
