@@ -7,7 +7,7 @@ runs outside a transaction so that no database connection waits on it.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -40,14 +40,18 @@ SESSION_DELETED = "session_deleted"
 REUSE_DETECTED = "refresh_token_reuse"
 ADMIN = "admin"
 USER_DEACTIVATED = "user_deactivated"
+SESSION_LIMIT = "session_limit"
 
 # How far a replayed token's chain is followed to its current head.
 _MAX_CHAIN_WALK = 100
 
 
 def utcnow() -> datetime:
-    # Whole seconds: JWT times are whole seconds, and a pair is re-minted from these values.
-    return datetime.now(UTC).replace(microsecond=0)
+    # Milliseconds, as the API shows them; stored as they are on both databases. JWT times
+    # are whole seconds taken from these values (tokens.mint_pair: int(timestamp)), so a
+    # pair re-minted from the stored row is the same, byte for byte.
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
 def _config(name: str) -> Any:
@@ -73,10 +77,22 @@ class _Issued:
     session: AuthSession
     refresh: RefreshToken
     jti: str
+    ended: list[str] = field(default_factory=list)  # sessions ended to stay within the cap
 
 
 def _start_session(db: Session, user_id: int, now: datetime) -> _Issued:
-    """Add a session and its first refresh token to the unit of work."""
+    """Add a session and its first refresh token to the unit of work, ending the user's
+    oldest live sessions when it would make more than SESSION_MAX_PER_USER."""
+    # Callers have updated the user's row in this transaction, which holds its lock: two
+    # logins of one user count the live sessions one after the other.
+    ended = db.scalars(
+        select(AuthSession.id)
+        .where(AuthSession.user_id == user_id, AuthSession.revoked_at.is_(None), AuthSession.expires_at > now)
+        .order_by(AuthSession.created_at.desc(), AuthSession.id.desc())
+        .offset(_config("SESSION_MAX_PER_USER") - 1)
+    ).all()
+    if ended:
+        _revoke(db, SESSION_LIMIT, now, AuthSession.id.in_(ended))
     ip = user_agent = None
     if has_request_context():
         ip = request.remote_addr
@@ -91,7 +107,7 @@ def _start_session(db: Session, user_id: int, now: datetime) -> _Issued:
         user_agent=user_agent,
     )
     db.add(auth_session)
-    return _Issued(auth_session, *_new_refresh_token(db, auth_session, tokens.new_jti(), None, now))
+    return _Issued(auth_session, *_new_refresh_token(db, auth_session, tokens.new_jti(), None, now), list(ended))
 
 
 def _new_refresh_token(
@@ -117,6 +133,11 @@ def _revoke(db: Session, reason: str, now: datetime, *conditions) -> int:
         .values(revoked_at=now, revoked_reason=reason)
     )
     return result.rowcount
+
+
+def _record_ended(user_id: int, issued: _Issued) -> None:
+    for ended in issued.ended:
+        audit.record(audit.SESSION_LIMIT, user_id=user_id, sid=ended, by_sid=issued.session.id)
 
 
 def _pair(user: User, issued: _Issued) -> dict[str, Any]:
@@ -149,6 +170,7 @@ def register(email: str, username: str, password: str) -> dict[str, Any]:
         # Another registration of the same email or username committed first.
         raise UserAlreadyExists() from None
     audit.record(audit.REGISTER, user_id=user.id, sid=issued.session.id)
+    _record_ended(user.id, issued)
     return _pair(user, issued)
 
 
@@ -192,6 +214,7 @@ def login(password: str, email: str | None = None, username: str | None = None) 
     ratelimit.clear_failures(account)
     user.last_login = now
     audit.record(audit.LOGIN_SUCCESS, user_id=user.id, sid=issued.session.id)
+    _record_ended(user.id, issued)
     return _pair(user, issued)
 
 
@@ -243,6 +266,7 @@ def change_password(user: User, sid: str, current_password: str, new_password: s
         raise InvalidCredentials()
     ratelimit.clear_failures(account)
     audit.record(audit.PASSWORD_CHANGED, user_id=user.id, sid=issued.session.id, sessions_revoked=revoked)
+    _record_ended(user.id, issued)
     return _pair(user, issued)
 
 
@@ -255,7 +279,9 @@ def refresh(refresh_token: str) -> dict[str, Any]:
     The retirement is one conditional UPDATE (`used_at IS NULL`), so of two concurrent
     refreshes of one token only one mints a child (and `parent_id` is unique besides).
     A retired token presented again within REFRESH_TOKEN_REUSE_INTERVAL gets the
-    session's current pair; later, it revokes the session as stolen.
+    session's current pair; later, it revokes the session as stolen. So does a
+    well-signed token of a live session whose row is gone: `prune` deletes a retired
+    token's row once the interval has passed, and keeps every token not yet used.
     """
     claims = tokens.decode_refresh_token(refresh_token)
     jti, sid = claims.get("jti"), claims["sid"]
@@ -271,8 +297,16 @@ def refresh(refresh_token: str) -> dict[str, Any]:
             .where(RefreshToken.jti_hash == tokens.jti_hash(jti))
         ).one_or_none()
         if row is None:
-            raise InvalidToken()
-        token, auth_session, user = row
+            # No row: its session was deleted, or it was retired and pruned (a replay).
+            token = None
+            row = db.execute(
+                select(AuthSession, User).join(User, AuthSession.user_id == User.id).where(AuthSession.id == sid)
+            ).one_or_none()
+            if row is None:
+                raise InvalidToken()
+            auth_session, user = row
+        else:
+            token, auth_session, user = row
         if auth_session.id != sid or user.id != tokens.user_id_of(claims):
             raise InvalidToken()
         if not user.is_active:
@@ -283,7 +317,7 @@ def refresh(refresh_token: str) -> dict[str, Any]:
             raise TokenExpired()
 
         issued: _Issued | None = None
-        if token.used_at is None:
+        if token is not None and token.used_at is None:
             retired = db.execute(
                 update(RefreshToken)
                 .where(RefreshToken.id == token.id, RefreshToken.used_at.is_(None))
@@ -296,14 +330,14 @@ def refresh(refresh_token: str) -> dict[str, Any]:
             else:  # a concurrent refresh of the same token retired it first
                 token.used_at = db.scalar(select(RefreshToken.used_at).where(RefreshToken.id == token.id))
 
-        if issued is None:
+        if issued is None and token is not None:
             used_at = token.used_at or now
             if now - used_at <= timedelta(seconds=_config("REFRESH_TOKEN_REUSE_INTERVAL")):
                 issued = _current_head(db, auth_session, jti)
                 replayed = issued is not None
-            if issued is None:
-                _revoke(db, REUSE_DETECTED, now, AuthSession.id == auth_session.id)
-                stolen = True
+        if issued is None:
+            _revoke(db, REUSE_DETECTED, now, AuthSession.id == auth_session.id)
+            stolen = True
 
     if stolen:
         audit.record(audit.REUSE_DETECTED, user_id=user.id, sid=auth_session.id)
@@ -364,6 +398,7 @@ def list_sessions(user: User, current_sid: str | None) -> list[dict[str, Any]]:
             select(AuthSession)
             .where(AuthSession.user_id == user.id, AuthSession.revoked_at.is_(None), AuthSession.expires_at > now)
             .order_by(AuthSession.created_at.desc(), AuthSession.id)
+            .limit(_config("SESSION_MAX_PER_USER"))
         ).all()
     return [
         {
@@ -467,14 +502,20 @@ def revoke_all(user: User) -> int:
 
 
 def prune(revoked_older_than: timedelta) -> tuple[int, int]:
-    """Delete expired sessions, sessions revoked longer ago than `revoked_older_than`, and
-    expired refresh tokens: rows no token can use any more. Returns (sessions, tokens)."""
+    """Delete expired sessions, sessions revoked longer ago than `revoked_older_than`,
+    expired refresh tokens, and refresh tokens retired longer ago than the reuse interval:
+    what is left is each live session's current token and the tokens a replay within the
+    interval walks. A pruned token presented again still revokes its session (`refresh`).
+    Returns (sessions, tokens)."""
     now = utcnow()
+    retired_before = now - timedelta(seconds=_config("REFRESH_TOKEN_REUSE_INTERVAL"))
     with unit_of_work() as db:
         sessions = db.execute(
             delete(AuthSession).where(
                 or_(AuthSession.expires_at <= now, AuthSession.revoked_at <= now - revoked_older_than)
             )
         ).rowcount
-        refresh_tokens = db.execute(delete(RefreshToken).where(RefreshToken.expires_at <= now)).rowcount
+        refresh_tokens = db.execute(
+            delete(RefreshToken).where(or_(RefreshToken.expires_at <= now, RefreshToken.used_at <= retired_before))
+        ).rowcount
     return sessions, refresh_tokens
