@@ -81,6 +81,22 @@ def list_users(active_only: bool) -> None:
         click.echo(f"{user.id}\t{user.username}\t{user.email}\t{state}\t{iso(user.created_at)}\t{last}")
 
 
+@users.command("email-collisions")
+@_clean_errors
+def email_collisions() -> None:
+    """List accounts whose addresses are one address once normalised (NFKC, lowercase).
+
+    Such accounts date from before addresses were normalised; they are never merged. Each
+    group is one line: the normalised address, then each account as id:address. Settle
+    them by changing or deactivating all but one; login by address finds only the account
+    stored in the normalised form."""
+    groups = service.email_collisions()
+    for form, members in groups.items():
+        click.echo("\t".join([form, *(f"{user_id}:{email}" for user_id, email in members)]))
+    if not groups:
+        click.echo("no colliding addresses")
+
+
 @users.command("deactivate")
 @click.argument("user")
 @_clean_errors

@@ -48,9 +48,10 @@ class User(db.Model):
     last_login: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
     __table_args__ = (
-        # Case-insensitive uniqueness, enforced by the database itself.
+        # Uniqueness enforced by the database itself: usernames (ASCII) without regard to
+        # case; addresses as stored, in their canonical form (authapp.identifiers).
         Index("ix_users_username_lower", func.lower(username), unique=True),
-        Index("ix_users_email_lower", func.lower(email), unique=True),
+        Index("ix_users_email", email, unique=True),
     )
 
     def __repr__(self) -> str:  # never shows the hash

@@ -11,6 +11,7 @@ from flask_jwt_extended import current_user
 from marshmallow import Schema, ValidationError, fields, validates_schema
 
 from .auth import passwords
+from .identifiers import canonical_email
 from .timeutil import iso
 
 USERNAME_RE = re.compile(r"[A-Za-z0-9_.-]{3,50}")
@@ -45,17 +46,18 @@ class Text(fields.String):
 
 
 class Email(Text):
-    """An email address: trimmed, syntax-checked, lowercased, then at most 100 characters."""
+    """An email address: trimmed, NFKC-normalised and lowercased as a whole (look-alike
+    letters are the same address), syntax-checked, then at most 100 characters."""
 
     def _deserialize(self, value, attr, data, **kwargs) -> str:
         text = super()._deserialize(value, attr, data, **kwargs).strip()
         if len(text) > EMAIL_MAX_LENGTH:
             raise ValidationError(f"Email must be at most {EMAIL_MAX_LENGTH} characters.")
         try:
-            normalized = validate_email(text, check_deliverability=False).normalized.lower()
+            normalized = canonical_email(validate_email(canonical_email(text), check_deliverability=False).normalized)
         except EmailNotValidError as exc:
             raise ValidationError(f"Not a valid email address: {exc}") from None
-        # Lowercasing can lengthen a string ("İ" becomes two code points): measure after it.
+        # NFKC and lowercasing can lengthen a string ("ﬁ", "İ"): measure after them.
         if len(normalized) > EMAIL_MAX_LENGTH:
             raise ValidationError(f"Email must be at most {EMAIL_MAX_LENGTH} characters.")
         return normalized

@@ -37,6 +37,7 @@ def count(app, model, *where):
         ("users", "deactivate"),
         ("users", "activate"),
         ("users", "set-password"),
+        ("users", "email-collisions"),
         ("sessions", "revoke-all"),
         ("sessions", "prune"),
     ],

@@ -16,7 +16,7 @@ from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from .. import audit, ratelimit
+from .. import audit, identifiers, ratelimit
 from ..database import unit_of_work
 from ..errors import (
     AppError,
@@ -29,6 +29,7 @@ from ..errors import (
     UserInactive,
     ValidationFailed,
 )
+from ..identifiers import canonical_email
 from ..models import AuthSession, RefreshToken, User
 from . import passwords, tokens
 
@@ -63,9 +64,10 @@ def _rounds() -> int:
 
 
 def user_query(*, email: str | None = None, username: str | None = None):
-    """A user by email or by username, both without regard to case (an index on each)."""
+    """A user by email (in its canonical form, as stored) or by username (without regard
+    to case); an index on each."""
     if email is not None:
-        return select(User).where(func.lower(User.email) == email.strip().lower())
+        return select(User).where(User.email == canonical_email(email))
     return select(User).where(func.lower(User.username) == (username or "").strip().lower())
 
 
@@ -152,7 +154,7 @@ def register(email: str, username: str, password: str) -> dict[str, Any]:
     with unit_of_work() as db:
         taken = db.scalar(
             select(User.id).where(
-                or_(func.lower(User.email) == email.lower(), func.lower(User.username) == username.lower())
+                or_(User.email == canonical_email(email), func.lower(User.username) == username.lower())
             )
         )
     if taken is not None:
@@ -453,6 +455,13 @@ def list_users(*, include_inactive: bool = True) -> list[User]:
         if not include_inactive:
             query = query.where(User.is_active.is_(True))
         return list(db.scalars(query).all())
+
+
+def email_collisions() -> dict[str, list[tuple[int, str]]]:
+    """Accounts whose stored addresses share one canonical form (see `identifiers`)."""
+    with unit_of_work() as db:
+        rows = db.execute(select(User.id, User.email).order_by(User.id)).all()
+    return identifiers.collisions((user_id, email) for user_id, email in rows)
 
 
 def create_user(email: str, username: str, password: str) -> User:

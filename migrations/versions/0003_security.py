@@ -5,6 +5,9 @@ Revises: 0002_sessions
 Create Date: 2026-12-01
 """
 
+import unicodedata
+from collections import defaultdict
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -14,6 +17,12 @@ revision = "0003_security"
 down_revision = "0002_sessions"
 branch_labels = None
 depends_on = None
+
+
+def _canonical(address):
+    # authapp.identifiers.canonical_email as of this revision (a migration keeps its own copy).
+    text = unicodedata.normalize("NFKC", address.strip()).lower()
+    return unicodedata.normalize("NFKC", text).lower()
 
 
 def upgrade():
@@ -33,8 +42,25 @@ def upgrade():
     )
     op.create_index("ix_login_attempts_key_attempted_at", "login_attempts", ["key", "attempted_at"])
 
+    # Email addresses: stored NFKC-normalised and lowercased, unique as stored. Addresses
+    # that share a canonical form with another account's are left exactly as they are
+    # (never merged, never renamed: `flask users email-collisions` lists them for an
+    # operator to settle); every other address is rewritten to its canonical form.
+    op.drop_index("ix_users_email_lower", table_name="users")
+    users = sa.table("users", sa.column("id", sa.Integer), sa.column("email", sa.String))
+    connection = op.get_bind()
+    groups = defaultdict(list)
+    for user_id, email in connection.execute(sa.select(users.c.id, users.c.email)).all():
+        groups[_canonical(email)].append((user_id, email))
+    for form, members in groups.items():
+        if len(members) == 1 and members[0][1] != form:
+            connection.execute(users.update().where(users.c.id == members[0][0]).values(email=form))
+    op.create_index("ix_users_email", "users", ["email"], unique=True)
+
 
 def downgrade():
+    op.drop_index("ix_users_email", table_name="users")
+    op.create_index("ix_users_email_lower", "users", [sa.text("lower(email)")], unique=True)
     op.drop_index("ix_login_attempts_key_attempted_at", table_name="login_attempts")
     op.drop_table("login_attempts")
     op.drop_table("login_guards")
