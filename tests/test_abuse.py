@@ -377,3 +377,25 @@ def test_prune_deletes_attempts_past_the_window(app, client, tokens):
     login(client, WRONG)
     login(client, WRONG)
     assert_error(login(client), 429, "RATE_LIMITED")
+
+
+@pytest.mark.parametrize(
+    "settings", [{"RATELIMIT_ENABLED": "true", "LOGIN_RATE_LIMIT": "3/minute", "LOGIN_MAX_FAILURES": "100"}]
+)
+def test_an_ipv6_client_is_counted_by_its_64(client, tokens):
+    # 20 addresses of one /64 share one budget of 3
+    answers = [login(client, WRONG, address=f"2001:db8:1:2::{i:x}").status_code for i in range(1, 21)]
+    assert answers == [401] * 3 + [429] * 17
+    assert_error(login(client, address="2001:db8:1:2:ffff:ffff:ffff:ffff"), 429, "RATE_LIMITED")
+    # the next /64 is another client
+    assert login(client, address="2001:db8:1:3::1").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "settings", [{"RATELIMIT_ENABLED": "true", "LOGIN_RATE_LIMIT": "3/minute", "LOGIN_MAX_FAILURES": "100"}]
+)
+def test_an_ipv4_mapped_address_counts_as_the_ipv4_address(client, tokens):
+    for address in ("192.0.2.7", "::ffff:192.0.2.7", "::ffff:c000:207"):
+        assert login(client, WRONG, address=address).status_code == 401
+    assert_error(login(client, address="192.0.2.7"), 429, "RATE_LIMITED")
+    assert login(client, address="192.0.2.8").status_code == 200
