@@ -3,6 +3,8 @@ the documentation pages work with nothing but their own assets."""
 
 from __future__ import annotations
 
+import re
+
 from flask import Flask, Response, request
 
 # JSON answers are never rendered as documents: nothing may load, frame or submit.
@@ -43,5 +45,17 @@ def _add_headers(response: Response) -> Response:
     return response
 
 
+# RFC 9110 11.1: the scheme name is case-insensitive; flask-jwt-extended compares it with
+# JWT_HEADER_TYPE exactly, so the scheme is written the way it expects before it reads it.
+_BEARER_SCHEME = re.compile(r"[ \t]*bearer(?=[ \t])", re.IGNORECASE)
+
+
+def _canonical_bearer_scheme() -> None:
+    header = request.environ.get("HTTP_AUTHORIZATION")
+    if header and not header.startswith("Bearer ") and _BEARER_SCHEME.match(header):
+        request.environ["HTTP_AUTHORIZATION"] = _BEARER_SCHEME.sub("Bearer", header, count=1)
+
+
 def init_app(app: Flask) -> None:
+    app.before_request(_canonical_bearer_scheme)
     app.after_request(_add_headers)

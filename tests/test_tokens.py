@@ -155,3 +155,15 @@ def test_the_fast_segment_check_stays_out_of_other_pyjwt_releases(app, monkeypat
     monkeypatch.setattr(jwt, "__version__", pyjwt_speedup.WRITTEN_FOR)
     monkeypatch.delattr(PyJWS, "_decode_base64url_segment")
     assert pyjwt_speedup.install() is False
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "bEaReR", "Bearer", " bearer"])
+def test_the_bearer_scheme_is_case_insensitive(client, tokens, scheme):
+    response = client.get("/auth/me", headers={"Authorization": f"{scheme} {tokens['access_token']}"})
+    assert response.status_code == 200, response.get_json()
+
+
+@pytest.mark.parametrize("header", ["bearer", "bearerx {token}", "Basic {token}", "{token}"])
+def test_other_schemes_are_still_missing_tokens(client, tokens, header):
+    response = client.get("/auth/me", headers={"Authorization": header.format(token=tokens["access_token"])})
+    assert_error(response, 401, "MISSING_TOKEN")
