@@ -8,6 +8,7 @@ import socket
 import ssl
 import uuid
 
+import pytest
 from stack import PASSWORD
 
 
@@ -41,8 +42,9 @@ def _dechunk(data: bytes) -> bytes:
 
 
 def raw_request(stack, data: bytes, *, tls: bool = True) -> Raw:
-    """Send bytes as they are (no client library between) and read the reply to its end."""
-    port = stack.https_port if tls else stack.http_port
+    """Send bytes as they are (no client library between) to the HTTPS server's port, in
+    TLS or not, and read the reply to its end."""
+    port = stack.https_port
     sock = socket.create_connection(("127.0.0.1", port), timeout=15)
     if tls:
         sock = stack.tls_context().wrap_socket(sock, server_hostname="127.0.0.1")
@@ -86,3 +88,89 @@ def test_a_chunked_body_over_64_kib_is_refused(stack):
     body = b'{"x": "' + b"a" * (64 * 1024) + b'"}'
     status, answer = post_chunked(stack, "/auth/login", body)
     assert status == 413 and answer["error_code"] == "PAYLOAD_TOO_LARGE", answer
+
+
+# -- The errors nginx answers itself ----------------------------------------------------------
+
+HOST = "Host: 127.0.0.1\r\n"
+
+
+def assert_raw_envelope(reply: Raw, status: int, code: str) -> dict:
+    from test_api_through_nginx import TIMESTAMP_RE, UUID_RE
+
+    assert reply.status == status, (reply.status, reply.headers, reply.body[:300])
+    assert reply.headers["Content-Type"].startswith("application/json"), reply.headers
+    body = reply.json()
+    assert body["error_code"] == code, body
+    assert body["detail"]
+    assert TIMESTAMP_RE.match(body["timestamp"]), body
+    assert UUID_RE.match(body["request_id"]) and reply.headers["X-Request-ID"] == body["request_id"]
+    return body
+
+
+@pytest.mark.parametrize(
+    "request_bytes,status,code",
+    [
+        pytest.param(b"GET /health/live HTTP/1.1\r\n\r\n", 400, "BAD_REQUEST", id="400-no-host"),
+        pytest.param(
+            b"GET /health/live HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "BAD_REQUEST", id="400-two-hosts"
+        ),
+        pytest.param(
+            b"GET /health/live HTTP/1.1\r\n" + HOST.encode() + b"X-Big: " + b"a" * 9000 + b"\r\n\r\n",
+            431,
+            "HEADERS_TOO_LARGE",
+            id="494-header-too-large",
+        ),
+        pytest.param(
+            b"GET /health/live HTTP/1.1\r\n" + HOST.encode() + b"Cookie: " + b"c=1; " * 2000 + b"\r\n\r\n",
+            431,
+            "HEADERS_TOO_LARGE",
+            id="494-cookie-too-large",
+        ),
+        pytest.param(b"TRACE / HTTP/1.1\r\n" + HOST.encode() + b"\r\n", 405, "METHOD_NOT_ALLOWED", id="405-trace"),
+        pytest.param(
+            b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n" + HOST.encode() + b"\r\n", 414, "URI_TOO_LONG", id="414"
+        ),
+        pytest.param(
+            b"POST /auth/login HTTP/1.1\r\n" + HOST.encode() + b"Transfer-Encoding: gzip\r\n\r\n",
+            501,
+            "NOT_IMPLEMENTED",
+            id="501-transfer-encoding",
+        ),
+        pytest.param(
+            b"GET /health/live HTTP/2.0\r\n" + HOST.encode() + b"\r\n", 505, "HTTP_VERSION_NOT_SUPPORTED", id="505"
+        ),
+        pytest.param(
+            b"GET /metrics HTTP/1.1\r\n" + HOST.encode() + b"Connection: close\r\n\r\n", 404, "NOT_FOUND", id="404"
+        ),
+        pytest.param(
+            b"GET /.authapp-errors/bad_request HTTP/1.1\r\n" + HOST.encode() + b"Connection: close\r\n\r\n",
+            404,
+            "NOT_FOUND",
+            id="404-error-pages-are-internal",
+        ),
+        pytest.param(b"G@T / HTTP/1.1\r\n" + HOST.encode() + b"\r\n", 400, "BAD_REQUEST", id="400-bad-method"),
+    ],
+)
+def test_nginx_answers_its_own_errors_in_the_envelope(stack, request_bytes, status, code):
+    assert_raw_envelope(raw_request(stack, request_bytes), status, code)
+
+
+def test_plain_http_on_the_https_port_is_answered_in_the_envelope(stack):
+    reply = raw_request(
+        stack, b"GET /health/live HTTP/1.1\r\n" + HOST.encode() + b"Connection: close\r\n\r\n", tls=False
+    )
+    assert_raw_envelope(reply, 400, "BAD_REQUEST")  # nginx's 497
+
+
+def test_every_status_nginx_can_answer_is_mapped():
+    """The ones no request can provoke here (408: nginx closes the connection; 495/496: no
+    client certificates; 500) are mapped all the same."""
+    import re
+
+    from stack import NGINX_CONF
+
+    text = NGINX_CONF.read_text()
+    https = text[text.index("listen 443 ssl") : text.index("# Prometheus scrapes")]
+    mapped = {int(code) for line in re.findall(r"error_page ([0-9 ]+) =", https) for code in line.split()}
+    assert mapped >= {400, 404, 405, 408, 413, 414, 494, 495, 496, 497, 500, 501, 502, 503, 504, 505}
