@@ -29,7 +29,6 @@ from ..errors import (
     UserInactive,
     ValidationFailed,
 )
-from ..identifiers import canonical_email
 from ..models import AuthSession, RefreshToken, User
 from . import passwords, tokens
 
@@ -67,7 +66,7 @@ def user_query(*, email: str | None = None, username: str | None = None):
     """A user by email (in its canonical form, as stored) or by username (without regard
     to case); an index on each."""
     if email is not None:
-        return select(User).where(User.email == canonical_email(email))
+        return select(User).where(User.email == identifiers.canonical_email(email))
     return select(User).where(func.lower(User.username) == (username or "").strip().lower())
 
 
@@ -85,8 +84,9 @@ class _Issued:
 def _start_session(db: Session, user_id: int, now: datetime) -> _Issued:
     """Add a session and its first refresh token to the unit of work, ending the user's
     oldest live sessions when it would make more than SESSION_MAX_PER_USER."""
-    # Callers have updated the user's row in this transaction, which holds its lock: two
-    # logins of one user count the live sessions one after the other.
+    # Callers have written the user's row in this transaction (login and change-password
+    # update it, register inserts it) and hold its lock: two logins of one user count the
+    # live sessions one after the other.
     ended = db.scalars(
         select(AuthSession.id)
         .where(AuthSession.user_id == user_id, AuthSession.revoked_at.is_(None), AuthSession.expires_at > now)
@@ -154,7 +154,7 @@ def register(email: str, username: str, password: str) -> dict[str, Any]:
     with unit_of_work() as db:
         taken = db.scalar(
             select(User.id).where(
-                or_(User.email == canonical_email(email), func.lower(User.username) == username.lower())
+                or_(User.email == identifiers.canonical_email(email), func.lower(User.username) == username.lower())
             )
         )
     if taken is not None:
