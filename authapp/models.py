@@ -48,9 +48,11 @@ class User(db.Model):
     last_login: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
     __table_args__ = (
-        # Uniqueness enforced by the database itself: usernames (ASCII) without regard to
-        # case; addresses as stored, in their canonical form (authapp.identifiers).
+        # Uniqueness enforced by the database itself: usernames (ASCII) and addresses
+        # without regard to case; addresses are looked up as stored, in their canonical
+        # form (authapp.identifiers), by the second index on them.
         Index("ix_users_username_lower", func.lower(username), unique=True),
+        Index("ix_users_email_lower", func.lower(email), unique=True),
         Index("ix_users_email", email, unique=True),
     )
 

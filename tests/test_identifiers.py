@@ -8,8 +8,9 @@ from collections.abc import Iterator
 
 import flask_migrate
 import pytest
-from helpers import PASSWORD, assert_error, base_settings
+from helpers import PASSWORD, TEST_DATABASE_URL, admin_connection, assert_error, base_settings
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 from authapp import create_app
 from authapp.extensions import db
@@ -57,14 +58,18 @@ def empty_database_url(backend, tmp_path) -> Iterator[str]:
     if backend == "sqlite":
         yield f"sqlite:///{tmp_path / 'before.db'}"
         return
-    from conftest import pg_create_database, pg_drop_database
-
+    if not TEST_DATABASE_URL:
+        pytest.skip("PostgreSQL skipped: TEST_DATABASE_URL not set")
+    server = make_url(TEST_DATABASE_URL)
     name = f"authapp_test_mig_{os.getpid()}"
-    url = pg_create_database(name)
+    with admin_connection(server) as conn, conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        cur.execute(f'CREATE DATABASE "{name}"')
     try:
-        yield url
+        yield server.set(drivername="postgresql+psycopg2", database=name).render_as_string(hide_password=False)
     finally:
-        pg_drop_database(name)
+        with admin_connection(server) as conn, conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 ROWS = [

@@ -42,11 +42,13 @@ def upgrade():
     )
     op.create_index("ix_login_attempts_key_attempted_at", "login_attempts", ["key", "attempted_at"])
 
-    # Email addresses: stored NFKC-normalised and lowercased, unique as stored. Addresses
-    # that share a canonical form with another account's are left exactly as they are
-    # (never merged, never renamed: `flask users email-collisions` lists them for an
-    # operator to settle); every other address is rewritten to its canonical form.
-    op.drop_index("ix_users_email_lower", table_name="users")
+    # Email addresses: stored NFKC-normalised and lowercased, and looked up as stored (a
+    # new unique index; the one on lower(email) stays). Addresses that share a canonical
+    # form with another account's are left exactly as they are (never merged, never
+    # renamed: `flask users email-collisions` lists them for an operator to settle);
+    # every other address is rewritten to its canonical form. A rewrite the database
+    # refuses all the same (its lower() folding a character Python's does not) leaves
+    # that row as it is too: the upgrade never fails on existing rows.
     users = sa.table("users", sa.column("id", sa.Integer), sa.column("email", sa.String))
     connection = op.get_bind()
     groups = defaultdict(list)
@@ -54,13 +56,16 @@ def upgrade():
         groups[_canonical(email)].append((user_id, email))
     for form, members in groups.items():
         if len(members) == 1 and members[0][1] != form:
-            connection.execute(users.update().where(users.c.id == members[0][0]).values(email=form))
+            try:
+                with connection.begin_nested():
+                    connection.execute(users.update().where(users.c.id == members[0][0]).values(email=form))
+            except sa.exc.IntegrityError:
+                pass
     op.create_index("ix_users_email", "users", ["email"], unique=True)
 
 
 def downgrade():
     op.drop_index("ix_users_email", table_name="users")
-    op.create_index("ix_users_email_lower", "users", [sa.text("lower(email)")], unique=True)
     op.drop_index("ix_login_attempts_key_attempted_at", table_name="login_attempts")
     op.drop_table("login_attempts")
     op.drop_table("login_guards")
