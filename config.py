@@ -134,6 +134,7 @@ SETTINGS: dict[str, tuple[Callable[[str, str], Any], str | None]] = {
     "REFRESH_TOKEN_EXPIRE_DAYS": (_int(1, 365), "7"),
     "SESSION_MAX_LIFETIME_DAYS": (_int(1, 3650), "30"),
     "REFRESH_TOKEN_REUSE_INTERVAL": (_int(0, 300), "10"),
+    "SESSION_MAX_PER_USER": (_int(1, 10_000), "50"),
     "LOG_LEVEL": (_choice(LOG_LEVELS, upper=True), "INFO"),
     "DATABASE_MAX_POOL_SIZE": (_int(1, 1000), "20"),
     "DATABASE_CONNECT_TIMEOUT": (_int(1, 300), "5"),

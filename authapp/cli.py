@@ -16,6 +16,7 @@ from flask import Flask, current_app
 from flask.cli import AppGroup
 from marshmallow import ValidationError
 
+from . import ratelimit
 from .auth import accounts
 from .auth import sessions as auth_sessions
 from .clock import iso
@@ -96,6 +97,22 @@ def list_users(active_only: bool) -> None:
         click.echo(f"{user.id}\t{user.username}\t{user.email}\t{state}\t{iso(user.created_at)}\t{last}")
 
 
+@users.command("email-collisions")
+@_clean_errors
+def email_collisions() -> None:
+    """List accounts whose addresses are one address once normalised (NFKC, lowercase).
+
+    Such accounts date from before addresses were normalised; they are never merged. Each
+    group is one line: the normalised address, then each account as id:address. Settle
+    them by changing or deactivating all but one; login by address finds only the account
+    stored in the normalised form."""
+    groups = accounts.email_collisions()
+    for form, members in groups.items():
+        click.echo("\t".join([form, *(f"{user_id}:{email}" for user_id, email in members)]))
+    if not groups:
+        click.echo("no colliding addresses")
+
+
 @users.command("deactivate")
 @click.argument("user")
 @_clean_errors
@@ -169,10 +186,15 @@ def revoke_all(user: str) -> None:
 )
 @_clean_errors
 def prune(revoked_days: int | None) -> None:
-    """Delete expired sessions, long-revoked sessions and expired refresh tokens."""
+    """Delete expired sessions, long-revoked sessions, refresh tokens no replay needs, and
+    login attempts past the lockout window."""
     days = revoked_days if revoked_days is not None else current_app.config["REFRESH_TOKEN_EXPIRE_DAYS"]
     deleted_sessions, deleted_tokens = auth_sessions.prune(timedelta(days=days))
-    click.echo(f"pruned {deleted_sessions} session(s) and {deleted_tokens} refresh token(s)")
+    deleted_attempts = ratelimit.prune_attempts()
+    click.echo(
+        f"pruned {deleted_sessions} session(s), {deleted_tokens} refresh token(s)"
+        f" and {deleted_attempts} login attempt(s)"
+    )
 
 
 def init_app(app: Flask) -> None:

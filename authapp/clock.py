@@ -9,9 +9,11 @@ from datetime import UTC, datetime
 
 
 def now() -> datetime:
-    """The current time, UTC, in whole seconds: JWT times are whole seconds, and a token pair
-    is minted again from the stored values (auth.tokens)."""
-    return datetime.now(UTC).replace(microsecond=0)
+    """The current time, UTC, to the millisecond, as the API shows it and both databases
+    store it. JWT times are whole seconds taken from these values (auth.tokens: int of the
+    timestamp), so a pair minted again from a stored row is the same, byte for byte."""
+    current = datetime.now(UTC)
+    return current.replace(microsecond=current.microsecond // 1000 * 1000)
 
 
 def iso(value: datetime) -> str:

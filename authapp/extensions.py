@@ -5,12 +5,13 @@ import sqlite3
 from flask_cors import CORS
 from flask_jwt_extended import JWTManager
 from flask_limiter import Limiter
-from flask_limiter.util import get_remote_address
 from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase
+
+from .addresses import rate_limit_key
 
 
 class Base(DeclarativeBase):
@@ -23,11 +24,12 @@ db = SQLAlchemy(model_class=Base, session_options={"expire_on_commit": False})
 migrate = Migrate()
 jwt = JWTManager()
 cors = CORS()
-# Per client address, as nginx saw it (REMOTE_ADDR); X-Forwarded-For is never read. When
+# Per client address, as nginx saw it (REMOTE_ADDR; an IPv6 client by its /64);
+# X-Forwarded-For is never read. When
 # the shared storage (Redis) fails, limits fall back to per-process memory and the error
 # is logged, rather than refusing every login.
 limiter = Limiter(
-    key_func=get_remote_address,
+    key_func=rate_limit_key,
     strategy="moving-window",
     in_memory_fallback_enabled=True,
     swallow_errors=True,

@@ -52,9 +52,12 @@ class User(Model):
     last_login: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
     __table_args__ = (
-        # Case-insensitive uniqueness, enforced by the database itself.
+        # Uniqueness enforced by the database itself: usernames (ASCII) and addresses
+        # without regard to case; addresses are looked up as stored, in their canonical
+        # form (authapp.identifiers), by the second index on them.
         Index("ix_users_username_lower", func.lower(username), unique=True),
         Index("ix_users_email_lower", func.lower(email), unique=True),
+        Index("ix_users_email", email, unique=True),
     )
 
     def __repr__(self) -> str:  # never shows the hash
@@ -96,3 +99,25 @@ class RefreshToken(Model):
     issued_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class LoginGuard(Model):
+    """One row per account whose login attempts are counted: the row a counting
+    transaction locks, so that parallel attempts on one account are counted one by one."""
+
+    __tablename__ = "login_guards"
+
+    key: Mapped[str] = mapped_column(String(80), primary_key=True)
+
+
+class LoginAttempt(Model):
+    """One counted login attempt on an account (`key`: `user:<id>`, or a hash of an
+    identifier that names no account), kept for LOGIN_FAILURE_WINDOW."""
+
+    __tablename__ = "login_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(80), nullable=False)
+    attempted_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+    __table_args__ = (Index("ix_login_attempts_key_attempted_at", key, attempted_at),)

@@ -17,6 +17,7 @@ from flask import Flask, Request, current_app, request, send_file, send_from_dir
 from webargs import core
 from webargs.flaskparser import FlaskParser, is_json_request
 
+from . import bodies
 from .errors import NotFound, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
 from .schemas import ErrorSchema, Password
 from .version import __version__
@@ -158,6 +159,7 @@ def check_body() -> None:
 
 
 def init_app(app: Flask, api: Api) -> None:
+    bodies.init_app(app)  # a chunked body gets its length before check_body sees it
     app.before_request(check_body)
     for key, value in openapi_config().items():
         app.config.setdefault(key, value)

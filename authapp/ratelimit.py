@@ -1,9 +1,11 @@
 """Abuse protection: per-address limits (Flask-Limiter) and per-account login lockout.
 
-Both keep their counters in `RATELIMIT_STORAGE_URI` (memory:// for one process, redis://
-when several instances must share them). The lockout counts failed logins per account in
-a moving window of `LOGIN_FAILURE_WINDOW` seconds; an identifier that names no account is
-counted the same way, so a 429 never tells an existing account from a missing one.
+The per-address limits keep their counters in `RATELIMIT_STORAGE_URI` (memory:// for one
+process, redis:// when several processes or instances must share them). The lockout
+counts login attempts per account in the database, which every process and instance
+shares already, in a moving window of `LOGIN_FAILURE_WINDOW` seconds; an identifier that
+names no account is counted the same way, so a 429 never tells an existing account from a
+missing one.
 """
 
 from __future__ import annotations
@@ -12,21 +14,23 @@ import hashlib
 import logging
 import math
 import time
+from datetime import timedelta
 
 from flask import Flask, current_app
 from flask.typing import ResponseReturnValue
 from flask_limiter.errors import RateLimitExceeded
-from limits import RateLimitItemPerSecond
-from limits.storage import storage_from_string
-from limits.strategies import MovingWindowRateLimiter
+from sqlalchemy import delete, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
 
-from . import settings
+from . import clock, settings
+from .database import unit_of_work
 from .errors import RateLimited, app_error_response
 from .extensions import limiter
+from .models import LoginAttempt, LoginGuard
 
 log = logging.getLogger("authapp.ratelimit")
-
-_LOCKOUT = "authapp.lockout"
 
 
 def login_limit() -> str:
@@ -63,55 +67,99 @@ def account_key(user_id: int | None, identifier: str) -> str:
     return "unknown:" + hashlib.sha256(identifier.strip().lower().encode()).hexdigest()
 
 
-def _lockout() -> tuple[MovingWindowRateLimiter, RateLimitItemPerSecond, str]:
-    current = settings.current()
-    strategy = current_app.extensions[_LOCKOUT]
-    item = RateLimitItemPerSecond(current.login_max_failures, current.login_failure_window)
-    return strategy, item, current.ratelimit_key_prefix + "login-failures"
+def _dialect_insert(db: Session):
+    return (postgresql_insert if db.get_bind().dialect.name == "postgresql" else sqlite_insert)(LoginGuard)
 
 
-def _storage_failed(action: str) -> None:
-    # Failing open here still leaves the per-address limits (which fall back to memory)
-    # and bcrypt's own cost between an attacker and the accounts.
-    log.error(
-        "lockout storage unavailable; login allowed without the per-account check",
-        exc_info=True,
-        extra={"event": "lockout_storage_error", "action": action},
-    )
+def _lock_account(db: Session, key: str) -> None:
+    """Hold the account's guard row until the transaction ends: on PostgreSQL a row lock
+    (FOR UPDATE), on SQLite the database's write lock, which the INSERT takes first."""
+    for _ in range(3):  # a prune may delete an idle guard between the two statements
+        db.execute(_dialect_insert(db).values(key=key).on_conflict_do_nothing())
+        if db.scalar(select(LoginGuard.key).where(LoginGuard.key == key).with_for_update()) is not None:
+            return
 
 
 def count_attempt(key: str) -> None:
     """Count one login attempt on the account before any password is checked, or raise
-    RATE_LIMITED (with Retry-After) when the window is full.
+    RATE_LIMITED (with Retry-After) when LOGIN_MAX_FAILURES attempts fall within the last
+    LOGIN_FAILURE_WINDOW seconds (a moving window; a refused attempt is not counted).
 
-    The count is one atomic hit, so parallel guesses cannot all slip past a check made
-    before any of them is counted; a successful login clears it (`clear_failures`).
+    The count lives in the database, so every process and instance shares it with no
+    extra service, and the check and the count happen under the account's lock, so
+    parallel guesses cannot all slip past a check made before any of them is counted.
+    A successful login clears it (`clear_failures`).
     """
-    strategy, item, namespace = _lockout()
-    try:
-        if strategy.hit(item, namespace, key):
-            return
-        reset_at = strategy.get_window_stats(item, namespace, key).reset_time
-    except Exception:
-        _storage_failed("hit")
-        return
-    retry_after = _retry_after(reset_at, item.get_expiry())
-    raise RateLimited("Too many failed logins; try again later", headers={"Retry-After": retry_after})
+    current = settings.current()
+    limit, window = current.login_max_failures, timedelta(seconds=current.login_failure_window)
+    now = clock.now()
+    with unit_of_work() as db:
+        _lock_account(db, key)
+        recent = db.scalars(
+            select(LoginAttempt.attempted_at)
+            .where(LoginAttempt.key == key, LoginAttempt.attempted_at > now - window)
+            .order_by(LoginAttempt.attempted_at.desc())
+            .limit(limit)
+        ).all()
+        full = len(recent) >= limit
+        if not full:
+            db.add(LoginAttempt(key=key, attempted_at=now))
+            db.execute(delete(LoginAttempt).where(LoginAttempt.key == key, LoginAttempt.attempted_at <= now - window))
+    if full:
+        # Open again when the oldest of the last `limit` attempts leaves the window.
+        reset_at = (recent[limit - 1] + window).timestamp()
+        retry_after = _retry_after(reset_at, current.login_failure_window)
+        raise RateLimited("Too many failed logins; try again later", headers={"Retry-After": retry_after})
 
 
 def clear_failures(key: str) -> None:
-    strategy, item, namespace = _lockout()
+    with unit_of_work() as db:
+        db.execute(delete(LoginAttempt).where(LoginAttempt.key == key))
+
+
+def prune_attempts() -> int:
+    """Delete the attempts that left the window, and the guards of accounts with none left;
+    returns how many attempts were deleted."""
+    now = clock.now()
+    window = timedelta(seconds=settings.current().login_failure_window)
+    with unit_of_work() as db:
+        deleted = db.execute(delete(LoginAttempt).where(LoginAttempt.attempted_at <= now - window)).rowcount  # type: ignore[attr-defined]
+        db.execute(delete(LoginGuard).where(LoginGuard.key.not_in(select(LoginAttempt.key).distinct())))
+    return deleted
+
+
+def _worker_processes() -> int:
+    """How many worker processes serve this app, when the server says (uWSGI does)."""
     try:
-        strategy.clear(item, namespace, key)
-    except Exception:
-        _storage_failed("clear")
+        import uwsgi  # importable only inside a uWSGI worker
+    except ImportError:
+        return 1
+    return int(getattr(uwsgi, "numproc", 1) or 1)
+
+
+def warn_if_limits_are_per_process(app: Flask) -> None:
+    """A production start with per-process counters under several workers: say what it costs."""
+    config = app.config
+    processes = _worker_processes()
+    if (
+        config["ENVIRONMENT"] in ("staging", "production")
+        and config["RATELIMIT_ENABLED"]
+        and config["RATELIMIT_STORAGE_URI"].startswith("memory://")
+        and processes > 1
+    ):
+        log.warning(
+            "RATELIMIT_STORAGE_URI=memory:// with %d worker processes: each process counts the "
+            "per-address limits on its own, so a client gets up to %d times LOGIN_RATE_LIMIT, "
+            "REGISTER_RATE_LIMIT and REFRESH_RATE_LIMIT (the per-account lockout is shared "
+            "through the database and is not affected); set RATELIMIT_STORAGE_URI=redis://...",
+            processes,
+            processes,
+            extra={"event": "ratelimit_storage_per_process", "processes": processes},
+        )
 
 
 def init_app(app: Flask) -> None:
-    """Bind the limiter and make the lockout's counter storage."""
+    """Bind the limiter; warn when its counters cannot be shared by the workers."""
     limiter.init_app(app)
     app.register_error_handler(RateLimitExceeded, _handle_rate_limited)
-    storage = storage_from_string(
-        app.config["RATELIMIT_STORAGE_URI"], **app.config.get("RATELIMIT_STORAGE_OPTIONS", {})
-    )
-    app.extensions[_LOCKOUT] = MovingWindowRateLimiter(storage)
+    warn_if_limits_are_per_process(app)

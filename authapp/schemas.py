@@ -12,6 +12,7 @@ from marshmallow import Schema, ValidationError, fields, validates_schema
 from . import settings
 from .auth import passwords
 from .clock import iso
+from .identifiers import canonical_email
 
 # The rules of the fields below, which also show them in the OpenAPI document (their
 # `minLength`, `maxLength`, `pattern` and `format`), so the docs pages give them.
@@ -55,7 +56,8 @@ def _with_rules(kwargs: dict[str, Any], **rules: Any) -> dict[str, Any]:
 
 
 class Email(Text):
-    """An email address: trimmed, syntax-checked, lowercased, then at most 100 characters."""
+    """An email address: trimmed, NFKC-normalised and lowercased as a whole (look-alike
+    letters are the same address), syntax-checked, then at most 100 characters."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **_with_rules(kwargs, format="email", maxLength=EMAIL_MAX_LENGTH))
@@ -65,10 +67,10 @@ class Email(Text):
         if len(text) > EMAIL_MAX_LENGTH:
             raise ValidationError(f"Email must be at most {EMAIL_MAX_LENGTH} characters.")
         try:
-            normalized = validate_email(text, check_deliverability=False).normalized.lower()
+            normalized = canonical_email(validate_email(canonical_email(text), check_deliverability=False).normalized)
         except EmailNotValidError as exc:
             raise ValidationError(f"Not a valid email address: {exc}") from None
-        # Lowercasing can lengthen a string ("İ" becomes two code points): measure after it.
+        # NFKC and lowercasing can lengthen a string ("ﬁ", "İ"): measure after them.
         if len(normalized) > EMAIL_MAX_LENGTH:
             raise ValidationError(f"Email must be at most {EMAIL_MAX_LENGTH} characters.")
         return normalized

@@ -3,6 +3,8 @@ the documentation pages work with nothing but their own assets."""
 
 from __future__ import annotations
 
+import re
+
 from flask import Response, request
 
 # JSON answers are never rendered as documents: nothing may load, frame or submit.
@@ -42,3 +44,15 @@ def add_headers(response: Response) -> Response:
     if path.startswith("/auth/"):
         response.headers.extend(NO_STORE)
     return response
+
+
+# RFC 9110 11.1: the scheme name is case-insensitive; flask-jwt-extended compares it with
+# JWT_HEADER_TYPE exactly, so the scheme is written the way it expects before it reads it.
+_BEARER_SCHEME = re.compile(r"[ \t]*bearer(?=[ \t])", re.IGNORECASE)
+
+
+def canonical_bearer_scheme() -> None:
+    """Let `bearer`, `BEARER` ... through as `Bearer` (called before a token is read)."""
+    header = request.environ.get("HTTP_AUTHORIZATION")
+    if header and not header.startswith("Bearer ") and _BEARER_SCHEME.match(header):
+        request.environ["HTTP_AUTHORIZATION"] = _BEARER_SCHEME.sub("Bearer", header, count=1)

@@ -26,6 +26,7 @@ class Settings:
     refresh_token_lifetime: timedelta
     session_lifetime: timedelta
     refresh_reuse_interval: timedelta
+    session_max_per_user: int
     login_max_failures: int
     login_failure_window: int  # seconds
     ratelimit_key_prefix: str
@@ -41,6 +42,7 @@ class Settings:
             refresh_token_lifetime=config["JWT_REFRESH_TOKEN_EXPIRES"],
             session_lifetime=timedelta(days=config["SESSION_MAX_LIFETIME_DAYS"]),
             refresh_reuse_interval=timedelta(seconds=config["REFRESH_TOKEN_REUSE_INTERVAL"]),
+            session_max_per_user=config["SESSION_MAX_PER_USER"],
             login_max_failures=config["LOGIN_MAX_FAILURES"],
             login_failure_window=config["LOGIN_FAILURE_WINDOW"],
             ratelimit_key_prefix=config.get("RATELIMIT_KEY_PREFIX") or "",

@@ -38,8 +38,8 @@ _counter = itertools.count()
 
 
 # Heavier suites run only when asked for (`.ci/run` asks for all of them):
-#   pytest --with timing --with fuzz
-HEAVY_MARKERS = ("timing", "fuzz")
+#   pytest --with timing --with fuzz --with race
+HEAVY_MARKERS = ("timing", "fuzz", "race")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

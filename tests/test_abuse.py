@@ -145,7 +145,7 @@ def log_text():
         {
             "RATELIMIT_ENABLED": "true",
             "RATELIMIT_STORAGE_URI": "redis://127.0.0.1:1/0",
-            "LOGIN_RATE_LIMIT": "3/minute",
+            "LOGIN_RATE_LIMIT": "4/minute",
             "LOGIN_MAX_FAILURES": "2",
         }
     ],
@@ -153,14 +153,54 @@ def log_text():
 # Flask-Limiter keeps "storage is down" in its (process-wide) extension object, so this
 # runs once, on SQLite: what it shows is about the limiter's storage, not the database.
 @pytest.mark.parametrize("backend", ["sqlite"])
-def test_storage_down_fails_open_with_a_logged_error_and_local_limits(log_text, client, tokens):
+def test_redis_down_keeps_the_lockout_and_falls_back_to_local_limits(log_text, client, tokens):
     answers = [login(client, WRONG).status_code for _ in range(3)]
-    # no 500; the lockout cannot count (fails open), the per-address limit falls back to memory
-    assert answers == [401, 401, 401]
-    assert_error(login(client), 429, "RATE_LIMITED")
-    text = log_text()
-    assert "lockout storage unavailable" in text
-    assert "falling back to in-memory storage" in text
+    # no 500; the lockout lives in the database and still counts
+    assert answers == [401, 401, 429]
+    # the per-address limit falls back to memory: the 5th request from this address is refused
+    assert_error(login(client, WRONG, username="nobody"), 401, "INVALID_CREDENTIALS")
+    assert_error(login(client, username="nobody"), 429, "RATE_LIMITED")
+    assert "falling back to in-memory storage" in log_text()
+
+
+# -- The lockout is shared by every process and instance, with no Redis -------------------
+
+
+@pytest.mark.parametrize("settings", [{"RATELIMIT_ENABLED": "true", "LOGIN_RATE_LIMIT": "1000/minute"}])
+def test_two_instances_share_the_lockout_without_redis(app, tokens, database_url):
+    """Two apps (as two workers or two instances) on one database with memory:// storage:
+    40 wrong passwords alternating between them get 10 checked answers, not 10 each."""
+    from authapp import create_app
+
+    other = create_app(base_settings(DATABASE_URL=database_url, RATELIMIT_ENABLED="true"))
+    assert app.config["RATELIMIT_STORAGE_URI"] == other.config["RATELIMIT_STORAGE_URI"] == "memory://"
+    clients = (app.test_client(), other.test_client())
+    answers = [login(clients[i % 2], WRONG).status_code for i in range(40)]
+    assert answers == [401] * 10 + [429] * 30
+    for c in clients:
+        assert_error(login(c), 429, "RATE_LIMITED")
+
+
+def test_uwsgi_workers_with_memory_storage_log_what_it_costs(database_url, monkeypatch, log_text):
+    import types
+
+    monkeypatch.setitem(sys.modules, "uwsgi", types.SimpleNamespace(numproc=4))
+    from authapp import create_app
+
+    def warnings(environment: str, **settings: str) -> int:
+        before = log_text().count("ratelimit_storage_per_process")
+        create_app(
+            base_settings(DATABASE_URL=database_url, ENVIRONMENT=environment, RATELIMIT_ENABLED="true", **settings)
+        )
+        return log_text().count("ratelimit_storage_per_process") - before
+
+    assert warnings("production") == 1
+    assert "memory:// with 4 worker processes" in log_text()
+    assert "up to 4 times LOGIN_RATE_LIMIT" in log_text()
+    assert warnings("development") == 0
+    assert warnings("production", RATELIMIT_STORAGE_URI="redis://127.0.0.1:1/0") == 0
+    monkeypatch.setitem(sys.modules, "uwsgi", types.SimpleNamespace(numproc=1))
+    assert warnings("production") == 0
 
 
 # -- Two processes, one Redis -------------------------------------------------------------
@@ -311,3 +351,51 @@ def test_change_password_guesses_count_against_the_account(client, tokens):
     locked = client.post("/auth/change-password", headers=headers, json={**body, "current_password": PASSWORD})
     assert_error(locked, 429, "RATE_LIMITED")
     assert_error(login(client), 429, "RATE_LIMITED")
+
+
+@pytest.mark.parametrize("settings", [LOCKOUT])
+def test_prune_deletes_attempts_past_the_window(app, client, tokens):
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import func, select
+
+    from authapp.extensions import db
+    from authapp.models import LoginAttempt, LoginGuard
+
+    login(client, WRONG)
+    login(client, WRONG, username="nobody")
+    with app.app_context():
+        old = datetime.now(UTC) - timedelta(seconds=3)
+        db.session.execute(LoginAttempt.__table__.update().where(LoginAttempt.key != "user:1").values(attempted_at=old))
+        db.session.commit()
+    result = app.test_cli_runner().invoke(args=["sessions", "prune"])
+    assert result.exit_code == 0 and "1 login attempt(s)" in result.output, result.output
+    with app.app_context():
+        assert db.session.scalars(select(LoginAttempt.key)).all() == ["user:1"]
+        assert db.session.scalar(select(func.count()).select_from(LoginGuard)) == 1
+    # what is left still counts
+    login(client, WRONG)
+    login(client, WRONG)
+    assert_error(login(client), 429, "RATE_LIMITED")
+
+
+@pytest.mark.parametrize(
+    "settings", [{"RATELIMIT_ENABLED": "true", "LOGIN_RATE_LIMIT": "3/minute", "LOGIN_MAX_FAILURES": "100"}]
+)
+def test_an_ipv6_client_is_counted_by_its_64(client, tokens):
+    # 20 addresses of one /64 share one budget of 3
+    answers = [login(client, WRONG, address=f"2001:db8:1:2::{i:x}").status_code for i in range(1, 21)]
+    assert answers == [401] * 3 + [429] * 17
+    assert_error(login(client, address="2001:db8:1:2:ffff:ffff:ffff:ffff"), 429, "RATE_LIMITED")
+    # the next /64 is another client
+    assert login(client, address="2001:db8:1:3::1").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "settings", [{"RATELIMIT_ENABLED": "true", "LOGIN_RATE_LIMIT": "3/minute", "LOGIN_MAX_FAILURES": "100"}]
+)
+def test_an_ipv4_mapped_address_counts_as_the_ipv4_address(client, tokens):
+    for address in ("192.0.2.7", "::ffff:192.0.2.7", "::ffff:c000:207"):
+        assert login(client, WRONG, address=address).status_code == 401
+    assert_error(login(client, address="192.0.2.7"), 429, "RATE_LIMITED")
+    assert login(client, address="192.0.2.8").status_code == 200

@@ -44,6 +44,7 @@ def count(app, model, *where):
         ("users", "activate"),
         ("users", "set-password"),
         ("users", "delete"),
+        ("users", "email-collisions"),
         ("sessions", "revoke-all"),
         ("sessions", "prune"),
     ],

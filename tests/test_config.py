@@ -26,6 +26,7 @@ def test_defaults():
     assert settings["CORS_ORIGINS"] == []
     assert settings["JWT_ALGORITHM"] == "HS256"
     assert settings["RATELIMIT_STORAGE_URI"] == "memory://"
+    assert settings["SESSION_MAX_PER_USER"] == 50
 
 
 @pytest.mark.parametrize(
@@ -45,6 +46,8 @@ def test_defaults():
         ("RATELIMIT_ENABLED", "maybe"),
         ("LOGIN_RATE_LIMIT", "lots"),
         ("PASSWORD_MIN_LENGTH", "4"),
+        ("SESSION_MAX_PER_USER", "0"),
+        ("SESSION_MAX_PER_USER", "many"),
     ],
 )
 def test_bad_values_name_the_variable(name, value):

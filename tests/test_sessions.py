@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import jwt
@@ -311,3 +312,121 @@ def test_protected_routes_need_a_token(client):
         ("delete", "/auth/sessions/3fa85f64-5717-4562-b3fc-2c963f66afa6"),
     ]:
         assert_error(getattr(client, method)(path), 401, "MISSING_TOKEN")
+
+
+# -- Bounded sessions and refresh-token rows ----------------------------------------------
+
+
+@pytest.fixture
+def audit_events():
+    import logging
+
+    events: list[dict] = []
+
+    class Recorder(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            events.append({"event": record.msg, "sid": getattr(record, "sid", None)})
+
+    handler = Recorder()
+    logging.getLogger("authapp.audit").addHandler(handler)
+    yield events
+    logging.getLogger("authapp.audit").removeHandler(handler)
+
+
+@pytest.mark.parametrize("settings", [{"SESSION_MAX_PER_USER": "3"}])
+def test_a_new_session_past_the_cap_ends_the_oldest(app, client, tokens, audit_events):
+    started = []
+    for _ in range(3):
+        time.sleep(0.005)  # sessions are ordered by their start, to the millisecond
+        started.append(login(client))
+    second, third, fourth = started  # the fourth live session: the first one ends
+    assert_error(me(client, tokens["access_token"]), 401, "TOKEN_REVOKED")
+    assert_error(do_refresh(client, tokens["refresh_token"]), 401, "TOKEN_REVOKED")
+    for body in (second, third, fourth):
+        assert me(client, body["access_token"]).status_code == 200
+    with app.app_context():
+        reasons = dict(db.session.execute(select(AuthSession.id, AuthSession.revoked_reason)).all())
+    first_sid = claims(tokens["access_token"])["sid"]
+    assert reasons.pop(first_sid) == "session_limit"
+    assert set(reasons.values()) == {None}
+    assert {"event": "session_ended_by_limit", "sid": first_sid} in audit_events
+    listed = client.get("/auth/sessions", headers=bearer(fourth["access_token"])).get_json()["sessions"]
+    assert len(listed) == 3
+
+
+def test_the_sessions_list_is_bounded(app, client, tokens, database_url):
+    """Sessions from before a lower cap still end up in a list of at most the cap."""
+    from helpers import base_settings
+
+    from authapp import create_app
+
+    for _ in range(4):
+        login(client)
+    capped = create_app(base_settings(DATABASE_URL=database_url, SESSION_MAX_PER_USER="2")).test_client()
+    listed = capped.get("/auth/sessions", headers=bearer(tokens["access_token"])).get_json()["sessions"]
+    assert len(listed) == 2
+    assert listed[0]["created_at"] >= listed[1]["created_at"]
+
+
+def refresh_rows(app, sid):
+    with app.app_context():
+        return db.session.scalar(select(func.count()).select_from(RefreshToken).where(RefreshToken.session_id == sid))
+
+
+def test_prune_keeps_only_what_reuse_detection_needs(app, client, tokens, later):
+    sid = claims(tokens["refresh_token"])["sid"]
+    chain = [tokens]
+    for _ in range(3):
+        chain.append(do_refresh(client, chain[-1]["refresh_token"]).get_json())
+    assert refresh_rows(app, sid) == 4
+    # within the interval every retired token is kept: a replay still gets the current pair
+    assert app.test_cli_runner().invoke(args=["sessions", "prune"]).exit_code == 0
+    assert refresh_rows(app, sid) == 4
+    later(11)  # past REFRESH_TOKEN_REUSE_INTERVAL (10 s)
+    result = app.test_cli_runner().invoke(args=["sessions", "prune"])
+    assert "3 refresh token(s)" in result.output, result.output
+    assert refresh_rows(app, sid) == 1  # the session's current token only
+    # an old stolen token, its row pruned, is still recognised: the session is revoked
+    assert_error(do_refresh(client, chain[1]["refresh_token"]), 401, "TOKEN_REVOKED")
+    assert_error(do_refresh(client, chain[-1]["refresh_token"]), 401, "TOKEN_REVOKED")
+    assert_error(me(client, chain[-1]["access_token"]), 401, "TOKEN_REVOKED")
+    with app.app_context():
+        assert db.session.get(AuthSession, sid).revoked_reason == "refresh_token_reuse"
+
+
+def test_after_prune_the_current_token_still_rotates(app, client, tokens, later):
+    rotated = do_refresh(client, tokens["refresh_token"]).get_json()
+    later(11)
+    assert app.test_cli_runner().invoke(args=["sessions", "prune"]).exit_code == 0
+    again = do_refresh(client, rotated["refresh_token"])
+    assert again.status_code == 200, again.get_json()
+
+
+def test_times_are_stored_with_real_milliseconds(app, client, monkeypatch):
+    """Every time the API returns keeps its milliseconds through the database."""
+    from authapp import clock
+
+    class Clock(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.now(tz).replace(microsecond=123456)
+
+    monkeypatch.setattr(clock, "datetime", Clock)
+    body = {"email": "ms@example.com", "username": "millis", "password": PASSWORD}
+    registered = client.post("/auth/register", json=body).get_json()
+    logged_in = login(client, "millis")
+    assert registered["user"]["created_at"].endswith(".123Z")
+    assert logged_in["user"]["last_login"].endswith(".123Z")
+    stored = me(client, logged_in["access_token"]).get_json()  # read back from the database
+    assert stored["created_at"].endswith(".123Z") and stored["last_login"].endswith(".123Z")
+    listed = client.get("/auth/sessions", headers=bearer(logged_in["access_token"])).get_json()["sessions"]
+    for session in listed:
+        for name in ("created_at", "last_used_at", "expires_at"):
+            assert session[name].endswith(".123Z"), session
+    with app.app_context():
+        raw = db.session.scalar(select(User.created_at).where(User.username == "millis"))
+    assert raw.microsecond == 123000
+    # JWT times stay whole seconds, and a replay inside the interval re-mints the same pair
+    rotated = do_refresh(client, logged_in["refresh_token"]).get_json()
+    assert do_refresh(client, logged_in["refresh_token"]).get_json() == rotated
+    assert isinstance(claims(rotated["access_token"])["iat"], int)

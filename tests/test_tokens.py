@@ -102,3 +102,15 @@ def test_token_of_a_deleted_user_is_invalid(app, client, tokens):
         db.session.delete(db.session.get(User, tokens["user"]["id"]))
         db.session.commit()
     assert_error(client.get("/auth/me", headers=bearer(tokens["access_token"])), 401, "INVALID_TOKEN")
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "bEaReR", "Bearer", " bearer"])
+def test_the_bearer_scheme_is_case_insensitive(client, tokens, scheme):
+    response = client.get("/auth/me", headers={"Authorization": f"{scheme} {tokens['access_token']}"})
+    assert response.status_code == 200, response.get_json()
+
+
+@pytest.mark.parametrize("header", ["bearer", "bearerx {token}", "Basic {token}", "{token}"])
+def test_other_schemes_are_still_missing_tokens(client, tokens, header):
+    response = client.get("/auth/me", headers={"Authorization": header.format(token=tokens["access_token"])})
+    assert_error(response, 401, "MISSING_TOKEN")

@@ -7,19 +7,25 @@ from typing import Any, cast
 
 from sqlalchemy import Select, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
-from .. import audit, clock, settings
+from .. import audit, clock, identifiers, settings
 from ..database import unit_of_work
-from ..errors import NotFound, UserAlreadyExists
+from ..errors import InvalidCredentials, NotFound, UserAlreadyExists
 from ..models import AuthSession, RefreshToken, User
 from . import passwords, sessions
 from .context import Client
 
 
+class CredentialsChanged(InvalidCredentials):
+    """The password was checked, but a change, reset or deactivation committed since."""
+
+
 def user_query(*, email: str | None = None, username: str | None = None) -> Select[Any]:
-    """A user by email or by username, both without regard to case (an index on each)."""
+    """A user by email (in its canonical form, as stored) or by username (without regard
+    to case); an index on each."""
     if email is not None:
-        return select(User).where(func.lower(User.email) == email.strip().lower())
+        return select(User).where(User.email == identifiers.canonical_email(email))
     return select(User).where(func.lower(User.username) == (username or "").strip().lower())
 
 
@@ -34,6 +40,13 @@ def find_user(identifier: str) -> User:
     if user is None:
         raise NotFound(f"No user matches {identifier!r}")
     return user
+
+
+def email_collisions() -> dict[str, list[tuple[int, str]]]:
+    """Accounts whose stored addresses share one canonical form (see `identifiers`)."""
+    with unit_of_work() as db:
+        rows = db.execute(select(User.id, User.email).order_by(User.id)).all()
+    return identifiers.collisions((user_id, email) for user_id, email in rows)
 
 
 def list_users(*, include_inactive: bool = True) -> list[User]:
@@ -56,7 +69,7 @@ def create(
     with unit_of_work() as db:
         taken = db.scalar(
             select(User.id).where(
-                or_(func.lower(User.email) == email.lower(), func.lower(User.username) == username.lower())
+                or_(User.email == identifiers.canonical_email(email), func.lower(User.username) == username.lower())
             )
         )
     if taken is not None:
@@ -77,6 +90,7 @@ def create(
         raise UserAlreadyExists() from None
     if issued is not None:
         audit.record(audit.REGISTER, user_id=user.id, sid=issued.session.id)
+        issued.record_ended()
     else:
         audit.record(audit.USER_CREATED, user_id=user.id, by="operator")
     return user, issued
@@ -104,19 +118,44 @@ def set_active(user: User, active: bool) -> int:
     return revoked
 
 
-def replace_password(user: Any, password: str, client: Client | None = None) -> tuple[int, sessions.Issued | None]:
+def write_if_unchanged(db: Session, user_id: int, checked_hash: str, values: dict[str, Any]) -> bool:
+    """Update the user only if its stored hash is still `checked_hash` and it is still
+    active; False when a password change, reset or deactivation came first. The UPDATE
+    also locks the user's row until the transaction ends."""
+    result = db.execute(
+        update(User)
+        .where(User.id == user_id, User.hashed_password == checked_hash, User.is_active.is_(True))
+        .values(**values)
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def replace_password(
+    user: Any, password: str, client: Client | None = None, *, checked_hash: str | None = None
+) -> tuple[int, sessions.Issued | None]:
     """Store a new password and end every session of the user; with `client` (the user's
-    own change) start a new session in the same transaction. Returns (revoked, issued)."""
+    own change) start a new session in the same transaction. Returns (revoked, issued).
+
+    With `checked_hash` (the hash a current password was just checked against) the write
+    happens only over that hash and for a still-active user: of two changes racing with
+    the same current password, or a change racing a reset or a deactivation, the first one
+    wins and the other gets INVALID_CREDENTIALS. An operator's change always wins.
+    """
     hashed = passwords.hash_password(password, settings.current().bcrypt_rounds)
     now = clock.now()
     issued = None
+    values = {"hashed_password": hashed, "updated_at": now}
     with unit_of_work() as db:
-        db.execute(update(User).where(User.id == user.id).values(hashed_password=hashed, updated_at=now))
+        if checked_hash is None:
+            db.execute(update(User).where(User.id == user.id).values(**values))
+        elif not write_if_unchanged(db, user.id, checked_hash, values):
+            raise CredentialsChanged()
         revoked = sessions.revoke(db, sessions.PASSWORD_CHANGED, now, AuthSession.user_id == user.id)
         if client is not None:
             issued = sessions.start(db, user.id, now, client)
     if issued is not None:
         audit.record(audit.PASSWORD_CHANGED, user_id=user.id, sid=issued.session.id, sessions_revoked=revoked)
+        issued.record_ended()
     else:
         audit.record(audit.PASSWORD_CHANGED, user_id=user.id, sessions_revoked=revoked, by="operator")
     return revoked, issued

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from .. import audit, clock, ratelimit, settings
 from ..database import unit_of_work
@@ -46,7 +46,6 @@ def login(password: str, client: Client, email: str | None = None, username: str
     if reason is not None:
         audit.record(audit.LOGIN_FAILURE, user_id=user.id if user else None, reason=reason)
         raise InvalidCredentials()
-    ratelimit.clear_failures(account)
 
     now = clock.now()
     values: dict[str, Any] = {"last_login": now}
@@ -54,10 +53,19 @@ def login(password: str, client: Client, email: str | None = None, username: str
         values["hashed_password"] = passwords.hash_password(password, rounds)
         values["updated_at"] = now
     with unit_of_work() as db:
-        db.execute(update(User).where(User.id == user.id).values(**values))
-        issued = sessions.start(db, user.id, now, client)
+        # Only if the hash checked above is still the stored one and the user still
+        # active: a password change, reset or deactivation that committed while bcrypt
+        # ran wins, and a rehash never overwrites a newer password's hash.
+        won = accounts.write_if_unchanged(db, user.id, user.hashed_password, values)
+        if won:
+            issued = sessions.start(db, user.id, now, client)
+    if not won:
+        audit.record(audit.LOGIN_FAILURE, user_id=user.id, reason="credentials_changed")
+        raise InvalidCredentials()
+    ratelimit.clear_failures(account)
     user.last_login = now
     audit.record(audit.LOGIN_SUCCESS, user_id=user.id, sid=issued.session.id)
+    issued.record_ended()
     return issued.pair(user)
 
 
@@ -74,8 +82,14 @@ def change_password(auth: AuthContext, client: Client, current_password: str, ne
     if stored is None or not passwords.verify_password(current_password, stored):
         audit.record(audit.PASSWORD_CHANGE_FAILED, user_id=auth.user_id, sid=auth.session_id, reason="wrong_password")
         raise InvalidCredentials()
-    ratelimit.clear_failures(account)
     if passwords.normalize(new_password) == passwords.normalize(current_password):
         raise ValidationFailed(errors={"new_password": ["New password must differ from the current one."]})
-    _revoked, issued = accounts.replace_password(auth.user, new_password, client)
+    try:
+        _revoked, issued = accounts.replace_password(auth.user, new_password, client, checked_hash=stored)
+    except accounts.CredentialsChanged:
+        audit.record(
+            audit.PASSWORD_CHANGE_FAILED, user_id=auth.user_id, sid=auth.session_id, reason="credentials_changed"
+        )
+        raise
+    ratelimit.clear_failures(account)
     return cast(sessions.Issued, issued).pair(auth.user)

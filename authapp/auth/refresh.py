@@ -26,6 +26,8 @@ def refresh(refresh_token: str) -> dict[str, Any]:
 
     The retirement is one conditional UPDATE (`used_at IS NULL`), so of two concurrent
     refreshes of one token only one mints a child (and `parent_id` is unique besides).
+    A well-signed token of a live session whose row is gone was retired and pruned
+    (`sessions.prune` keeps every token not yet used): presented again, it is reuse.
     """
     claims = tokens.decode_refresh_token(refresh_token)
     jti, sid = claims.get("jti"), claims["sid"]
@@ -34,7 +36,7 @@ def refresh(refresh_token: str) -> dict[str, Any]:
     now = clock.now()
     with unit_of_work() as db:
         token, auth_session, user = _live_token(db, jti, sid, user_id_of(claims), now)
-        issued = _rotate(db, token, auth_session, jti, now)
+        issued = None if token is None else _rotate(db, token, auth_session, jti, now)
         event = audit.REFRESH
         if issued is None:  # retired already: a replay
             issued = _replayed(db, token, auth_session, jti, now)
@@ -46,17 +48,27 @@ def refresh(refresh_token: str) -> dict[str, Any]:
     return issued.pair(user)
 
 
-def _live_token(db: Session, jti: str, sid: str, user_id: int, now: datetime) -> tuple[RefreshToken, AuthSession, User]:
-    """The token's row with its session and user, or the error that says why it is dead."""
+def _live_token(
+    db: Session, jti: str, sid: str, user_id: int, now: datetime
+) -> tuple[RefreshToken | None, AuthSession, User]:
+    """The token's row (None when it was pruned) with its session and user, or the error
+    that says why it is dead."""
     row = db.execute(
         select(RefreshToken, AuthSession, User)
         .join(AuthSession, RefreshToken.session_id == AuthSession.id)
         .join(User, AuthSession.user_id == User.id)
         .where(RefreshToken.jti_hash == tokens.jti_hash(jti))
     ).one_or_none()
-    if row is None:
-        raise InvalidToken()
-    token, auth_session, user = row
+    if row is not None:
+        token, auth_session, user = row
+    else:  # its session was deleted, or it was retired and pruned
+        session_row = db.execute(
+            select(AuthSession, User).join(User, AuthSession.user_id == User.id).where(AuthSession.id == sid)
+        ).one_or_none()
+        if session_row is None:
+            raise InvalidToken()
+        token = None
+        auth_session, user = session_row
     if auth_session.id != sid or user.id != user_id:
         raise InvalidToken()
     if not user.is_active:
@@ -87,12 +99,11 @@ def _rotate(
 
 
 def _replayed(
-    db: Session, token: RefreshToken, auth_session: AuthSession, jti: str, now: datetime
+    db: Session, token: RefreshToken | None, auth_session: AuthSession, jti: str, now: datetime
 ) -> sessions.Issued | None:
     """A retired token again: within the reuse interval, the session's current head (two
-    tabs refreshing at once); later, or with no head to give, the session is revoked."""
-    used_at = token.used_at or now
-    if now - used_at <= settings.current().refresh_reuse_interval:
+    tabs refreshing at once); later, pruned, or with no head to give, the session is revoked."""
+    if token is not None and now - (token.used_at or now) <= settings.current().refresh_reuse_interval:
         head = _current_head(db, auth_session, jti)
         if head is not None:
             return head

@@ -11,7 +11,7 @@ from flask import g, request
 from flask_jwt_extended import get_jwt, verify_jwt_in_request
 from marshmallow import Schema
 
-from .. import ratelimit
+from .. import ratelimit, security
 from ..extensions import limiter
 from ..openapi import BEARER, Blueprint
 from ..schemas import (
@@ -64,6 +64,7 @@ def authenticated(view: Callable) -> Callable:
 
     @wraps(view)
     def check_token(*args: Any, **kwargs: Any) -> Any:
+        security.canonical_bearer_scheme()
         verify_jwt_in_request()
         auth = g.auth = context.authenticate(get_jwt())
         return view(*args, auth=auth, **kwargs)

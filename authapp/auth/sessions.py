@@ -8,7 +8,7 @@ every protected request reads the session (`auth.context.authenticate`).
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -30,6 +30,7 @@ SESSION_DELETED = "session_deleted"
 REUSE_DETECTED = "refresh_token_reuse"
 ADMIN = "admin"
 USER_DEACTIVATED = "user_deactivated"
+SESSION_LIMIT = "session_limit"
 
 
 @dataclass
@@ -39,6 +40,12 @@ class Issued:
     session: AuthSession
     refresh: RefreshToken
     jti: str
+    ended: list[str] = field(default_factory=list)  # sessions ended to stay within the cap
+
+    def record_ended(self) -> None:
+        """Audit the sessions that starting this one ended (once it is committed)."""
+        for ended in self.ended:
+            audit.record(audit.SESSION_LIMIT, user_id=self.session.user_id, sid=ended, by_sid=self.session.id)
 
     def pair(self, user: Any) -> dict[str, Any]:
         """The TokenResponse of this refresh token (the same row always gives the same pair)."""
@@ -46,7 +53,19 @@ class Issued:
 
 
 def start(db: Session, user_id: int, now: datetime, client: Client) -> Issued:
-    """Add a session and its first refresh token to the unit of work."""
+    """Add a session and its first refresh token to the unit of work, ending the user's
+    oldest live sessions when it would make more than SESSION_MAX_PER_USER."""
+    # Callers have written the user's row in this transaction (login and change-password
+    # update it, register inserts it) and hold its lock: two logins of one user count the
+    # live sessions one after the other.
+    ended = db.scalars(
+        select(AuthSession.id)
+        .where(AuthSession.user_id == user_id, AuthSession.revoked_at.is_(None), AuthSession.expires_at > now)
+        .order_by(AuthSession.created_at.desc(), AuthSession.id.desc())
+        .offset(settings.current().session_max_per_user - 1)
+    ).all()
+    if ended:
+        revoke(db, SESSION_LIMIT, now, AuthSession.id.in_(ended))
     auth_session = AuthSession(
         id=str(uuid.uuid4()),
         user_id=user_id,
@@ -57,7 +76,7 @@ def start(db: Session, user_id: int, now: datetime, client: Client) -> Issued:
         user_agent=client.user_agent,
     )
     db.add(auth_session)
-    return Issued(auth_session, *new_refresh_token(db, auth_session, tokens.new_jti(), None, now))
+    return Issued(auth_session, *new_refresh_token(db, auth_session, tokens.new_jti(), None, now), list(ended))
 
 
 def new_refresh_token(
@@ -148,6 +167,7 @@ def list_live(auth: AuthContext) -> list[dict[str, Any]]:
             select(AuthSession)
             .where(AuthSession.user_id == auth.user_id, AuthSession.revoked_at.is_(None), AuthSession.expires_at > now)
             .order_by(AuthSession.created_at.desc(), AuthSession.id)
+            .limit(settings.current().session_max_per_user)
         ).all()
     return [
         {
@@ -164,14 +184,20 @@ def list_live(auth: AuthContext) -> list[dict[str, Any]]:
 
 
 def prune(revoked_older_than: timedelta) -> tuple[int, int]:
-    """Delete expired sessions, sessions revoked longer ago than `revoked_older_than`, and
-    expired refresh tokens: rows no token can use any more. Returns (sessions, tokens)."""
+    """Delete expired sessions, sessions revoked longer ago than `revoked_older_than`,
+    expired refresh tokens, and refresh tokens retired longer ago than the reuse interval:
+    what is left is each live session's current token and the tokens a replay within the
+    interval walks. A pruned token presented again still revokes its session (`refresh`).
+    Returns (sessions, tokens)."""
     now = clock.now()
+    retired_before = now - settings.current().refresh_reuse_interval
     with unit_of_work() as db:
         sessions = db.execute(
             delete(AuthSession).where(
                 or_(AuthSession.expires_at <= now, AuthSession.revoked_at <= now - revoked_older_than)
             )
         ).rowcount  # type: ignore[attr-defined]
-        refresh_tokens = db.execute(delete(RefreshToken).where(RefreshToken.expires_at <= now)).rowcount  # type: ignore[attr-defined]
+        refresh_tokens = db.execute(
+            delete(RefreshToken).where(or_(RefreshToken.expires_at <= now, RefreshToken.used_at <= retired_before))
+        ).rowcount  # type: ignore[attr-defined]
     return sessions, refresh_tokens
