@@ -125,6 +125,9 @@ SETTINGS: dict[str, tuple[Callable[[str, str], Any], str | None]] = {
     "CIRCUIT_BREAKER_THRESHOLD": (_int(1, 1000), "5"),
     "CIRCUIT_BREAKER_TIMEOUT": (_int(1, 3600), "60"),
     "CIRCUIT_BREAKER_HALF_OPEN_MAX_CALLS": (_int(1, 1000), "1"),
+    # While the breaker is open, the database is checked in the background at growing
+    # intervals, up to this one (and never more often than every 50 ms).
+    "CIRCUIT_BREAKER_PROBE_INTERVAL_MS": (_int(50, 3_600_000), "1000"),
     "CORS_ORIGINS": (_origins, ""),
     "BCRYPT_ROUNDS": (_int(4, 31), "12"),
     "PASSWORD_MIN_LENGTH": (_int(8, 128), "8"),

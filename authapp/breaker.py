@@ -3,7 +3,9 @@
 CLOSED: calls go through; `threshold` consecutive connectivity failures open it.
 OPEN: calls are refused at once until `timeout` seconds have passed.
 HALF_OPEN: up to `half_open_max_calls` trial calls go through; a success closes the
-breaker, a failure opens it again. Only failures to reach the database count; a query
+breaker, a failure opens it again. `half_open()` ends the open period early, when
+something outside the breaker (authapp.probe) saw the database answer. Only failures to
+reach the database count; a query
 the database answered (even with an error such as a unique violation) is a success.
 
 Every transition is logged (`event: breaker_transition`) and passed to the listeners
@@ -128,6 +130,17 @@ class CircuitBreaker:
             except Exception:
                 # A broken metrics hook must not break the breaker or the request.
                 log.exception("circuit breaker listener failed", extra={"event": "breaker_listener_error"})
+
+    def half_open(self) -> bool:
+        """End the open period now (something outside saw the database answer): OPEN ->
+        HALF_OPEN, so that the next calls are the trials. False when it was not open."""
+        with self._lock:
+            self._advance()
+            if self._state is not State.OPEN:
+                return False
+            self._trials = 0
+            self._move(State.HALF_OPEN)
+            return True
 
     def _retry_after(self) -> int:
         return max(1, math.ceil(self.timeout - (self._clock() - self._opened_at)))
