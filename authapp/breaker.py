@@ -142,6 +142,14 @@ class CircuitBreaker:
             self._move(State.HALF_OPEN)
             return True
 
+    def trip(self) -> None:
+        """Open now, whatever the count: a failure that every call would repeat (the
+        database refuses writes) while other calls may still succeed and reset the count."""
+        with self._lock:
+            self._advance()
+            if self._state is not State.OPEN:
+                self._open()
+
     def _retry_after(self) -> int:
         return max(1, math.ceil(self.timeout - (self._clock() - self._opened_at)))
 

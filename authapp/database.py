@@ -157,6 +157,9 @@ def _through_breaker() -> Iterator[None]:
         raise CircuitBreakerOpen(headers={"Retry-After": str(retry_after)}) from None
     except Exception as exc:
         if is_read_only_error(exc):
+            # Reads still succeed and would reset the count: every write fails until the
+            # database takes writes again (the probe checks that).
+            breaker().trip()
             _log_database_error(exc)
             raise WritesRefused(headers={"Retry-After": RETRY_AFTER_SECONDS}) from exc
         if is_connectivity_error(exc):

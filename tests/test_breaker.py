@@ -475,3 +475,15 @@ def test_half_open_changes_nothing_unless_open(clock, transitions):
     with pytest.raises(BreakerOpen):
         breaker.before_call()  # half_open() did not hand out a second trial slot
     assert transitions == [(CLOSED, OPEN), (OPEN, HALF_OPEN)]
+
+
+def test_trip_opens_at_once_whatever_the_count(clock, transitions):
+    breaker = make(clock, transitions, threshold=5, timeout=10)
+    breaker.trip()
+    assert breaker.state is OPEN and transitions == [(CLOSED, OPEN)]
+    breaker.trip()  # already open: the open period is not extended
+    clock.advance(10)
+    assert breaker.state is HALF_OPEN
+    breaker.trip()
+    assert breaker.state is OPEN
+    assert transitions == [(CLOSED, OPEN), (OPEN, HALF_OPEN), (HALF_OPEN, OPEN)]
