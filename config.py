@@ -110,6 +110,8 @@ def _writable_directory(name: str, raw: str) -> str:
 SETTINGS: dict[str, tuple[Callable[[str, str], Any], str | None]] = {
     "ENVIRONMENT": (_choice(ENVIRONMENTS), "development"),
     "DATABASE_URL": (_database_url, None),
+    # `flask db upgrade` connects here when set (a direct URL beside a pooler's).
+    "MIGRATION_DATABASE_URL": (_database_url, None),
     "JWT_SECRET_KEY": (_text, None),
     "JWT_ALGORITHM": (_choice(JWT_ALGORITHMS, upper=True), "HS256"),
     "JWT_ISSUER": (_text, "authapp"),
@@ -134,6 +136,8 @@ SETTINGS: dict[str, tuple[Callable[[str, str], Any], str | None]] = {
     "RATELIMIT_ENABLED": (_bool, "true"),
     "RATELIMIT_STORAGE_URI": (_storage_uri, "memory://"),
     "RATELIMIT_KEY_PREFIX": (lambda name, raw: raw.strip(), ""),
+    # Every call to the counters' Redis: connecting, and each command's answer.
+    "RATELIMIT_STORAGE_TIMEOUT_MS": (_int(10, 60_000), "100"),
     "LOGIN_RATE_LIMIT": (_rate_limit, "30/minute"),
     "REGISTER_RATE_LIMIT": (_rate_limit, "10/minute"),
     "REFRESH_RATE_LIMIT": (_rate_limit, "60/minute"),
@@ -175,6 +179,15 @@ def engine_options(settings: Mapping[str, Any]) -> dict[str, Any]:
         "pool_recycle": POOL_RECYCLE_SECONDS,
         "connect_args": connect_args,
     }
+
+
+def storage_options(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Options of the counters' storage (Flask-Limiter and the lockout): a Redis that hangs
+    costs a call RATELIMIT_STORAGE_TIMEOUT_MS at most, instead of blocking the request."""
+    if not settings["RATELIMIT_STORAGE_URI"].startswith(("redis://", "rediss://")):
+        return {}
+    timeout = settings["RATELIMIT_STORAGE_TIMEOUT_MS"] / 1000
+    return {"socket_timeout": timeout, "socket_connect_timeout": timeout}
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -226,6 +239,7 @@ def build_flask_config(settings: Mapping[str, Any]) -> dict[str, Any]:
         "SQLALCHEMY_ENGINE_OPTIONS": engine_options(settings),
         "MAX_CONTENT_LENGTH": 64 * 1024,
         "RATELIMIT_HEADERS_ENABLED": False,
+        "RATELIMIT_STORAGE_OPTIONS": storage_options(settings),
         # Tokens travel in the Authorization header only, so no CSRF claim is needed.
         "JWT_COOKIE_CSRF_PROTECT": False,
     }

@@ -57,7 +57,9 @@ class CircuitBreaker:
         clock: Callable[[], float] = time.monotonic,
         is_failure: Callable[[BaseException], bool] = lambda exc: True,
         on_transition: Listener | None = None,
+        name: str = "database",
     ) -> None:
+        self.name = name
         self.threshold = threshold
         self.timeout = timeout
         self.half_open_max_calls = half_open_max_calls
@@ -114,11 +116,13 @@ class CircuitBreaker:
             return
         self._transitions[old, new] += 1
         log.warning(
-            "circuit breaker %s -> %s",
+            "%s circuit breaker %s -> %s",
+            self.name,
             old.value,
             new.value,
             extra={
                 "event": "breaker_transition",
+                "breaker": self.name,
                 "from_state": old.value,
                 "to_state": new.value,
                 "transitions_total": self._transitions[old, new],

@@ -14,8 +14,10 @@ import click
 from flask import Flask, current_app
 from flask.cli import AppGroup
 from marshmallow import ValidationError
+from sqlalchemy.exc import DBAPIError
 
 from .auth import service
+from .database import describe
 from .errors import AppError
 from .schemas import RegisterSchema
 from .timeutil import iso
@@ -32,9 +34,17 @@ def _clean_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except AppError as error:
-            raise click.ClickException(error.detail) from None
+            raise click.ClickException(_with_cause(error)) from None
 
     return wrapper
+
+
+def _with_cause(error: AppError) -> str:
+    """The error's detail, and for a database error the driver's own words (why)."""
+    cause = error.__cause__
+    if isinstance(cause, DBAPIError):
+        return f"{error.detail}: {describe(cause)}"
+    return error.detail
 
 
 def _read_password(from_stdin: bool) -> str:

@@ -12,6 +12,8 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from flask import Flask, current_app
 from flask.typing import ResponseReturnValue
@@ -20,12 +22,19 @@ from limits import RateLimitItemPerSecond
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
+from .breaker import BreakerOpen, CircuitBreaker
 from .errors import RateLimited, app_error_response
 from .extensions import limiter
+from .lograte import ThrottledLog
 
 log = logging.getLogger("authapp.ratelimit")
 
 _LOCKOUT = "authapp.lockout"
+_LOCKOUT_BREAKER = "authapp.lockout_breaker"
+# After a failed call, the lockout's storage (Redis) is not asked again for this long:
+# a hung Redis then costs one login RATELIMIT_STORAGE_TIMEOUT_MS, not every login.
+STORAGE_RETRY_SECONDS = 5
+_throttled = ThrottledLog(log)
 
 
 def login_limit() -> str:
@@ -69,14 +78,43 @@ def _lockout() -> tuple[MovingWindowRateLimiter, RateLimitItemPerSecond, str]:
     return strategy, item, config.get("RATELIMIT_KEY_PREFIX", "") + "login-failures"
 
 
-def _storage_failed(action: str) -> None:
+def _storage_failed(action: str, exc: Exception) -> None:
     # Failing open here still leaves the per-address limits (which fall back to memory)
     # and bcrypt's own cost between an attacker and the accounts.
-    log.error(
-        "lockout storage unavailable; login allowed without the per-account check",
-        exc_info=True,
-        extra={"event": "lockout_storage_error", "action": action},
+    reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+    _throttled.log(
+        logging.ERROR,
+        "lockout_storage_error",
+        "lockout storage unavailable (%s); login allowed without the per-account check",
+        reason,
+        action=action,
+        reason=reason,
     )
+
+
+@contextmanager
+def _storage_call(action: str) -> Iterator[bool]:
+    """One call to the lockout's storage through its own small breaker: after a failure,
+    the storage is left alone for STORAGE_RETRY_SECONDS (the block is skipped: False)."""
+    breaker = current_app.extensions[_LOCKOUT_BREAKER]
+    try:
+        breaker.before_call()
+    except BreakerOpen:
+        _throttled.log(
+            logging.WARNING,
+            "lockout_storage_skipped",
+            "lockout storage failed recently; login allowed without the per-account check",
+            action=action,
+        )
+        yield False
+        return
+    try:
+        yield True
+    except Exception as exc:
+        breaker.record_failure()
+        _storage_failed(action, exc)
+    else:
+        breaker.record_success()
 
 
 def count_attempt(key: str) -> None:
@@ -87,12 +125,11 @@ def count_attempt(key: str) -> None:
     before any of them is counted; a successful login clears it (`clear_failures`).
     """
     strategy, item, namespace = _lockout()
-    try:
-        if strategy.hit(item, namespace, key):
-            return
-        reset_at = strategy.get_window_stats(item, namespace, key).reset_time
-    except Exception:
-        _storage_failed("hit")
+    reset_at = None
+    with _storage_call("hit") as reachable:
+        if reachable and not strategy.hit(item, namespace, key):
+            reset_at = strategy.get_window_stats(item, namespace, key).reset_time
+    if reset_at is None:
         return
     retry_after = _retry_after(reset_at, item.get_expiry())
     raise RateLimited("Too many failed logins; try again later", headers={"Retry-After": retry_after})
@@ -100,10 +137,9 @@ def count_attempt(key: str) -> None:
 
 def clear_failures(key: str) -> None:
     strategy, item, namespace = _lockout()
-    try:
-        strategy.clear(item, namespace, key)
-    except Exception:
-        _storage_failed("clear")
+    with _storage_call("clear") as reachable:
+        if reachable:
+            strategy.clear(item, namespace, key)
 
 
 def init_app(app: Flask) -> None:
@@ -114,3 +150,6 @@ def init_app(app: Flask) -> None:
         app.config["RATELIMIT_STORAGE_URI"], **app.config.get("RATELIMIT_STORAGE_OPTIONS", {})
     )
     app.extensions[_LOCKOUT] = MovingWindowRateLimiter(storage)
+    app.extensions[_LOCKOUT_BREAKER] = CircuitBreaker(
+        threshold=1, timeout=STORAGE_RETRY_SECONDS, name="lockout storage"
+    )
