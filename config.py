@@ -124,6 +124,9 @@ SETTINGS: dict[str, tuple[Callable[[str, str], Any], str | None]] = {
     "DATABASE_MAX_POOL_SIZE": (_int(1, 1000), "20"),
     "DATABASE_CONNECT_TIMEOUT": (_int(1, 300), "5"),
     "DATABASE_STATEMENT_TIMEOUT_MS": (_int(0, 3_600_000), "5000"),
+    # PostgreSQL closes a connection that sat idle this long (idle_session_timeout), so
+    # that an idle worker gives its server slots back; 0 keeps them open.
+    "DATABASE_IDLE_TIMEOUT": (_int(0, 86_400), "60"),
     "CIRCUIT_BREAKER_THRESHOLD": (_int(1, 1000), "5"),
     "CIRCUIT_BREAKER_TIMEOUT": (_int(1, 3600), "60"),
     "CIRCUIT_BREAKER_HALF_OPEN_MAX_CALLS": (_int(1, 1000), "1"),
@@ -152,12 +155,32 @@ SETTINGS: dict[str, tuple[Callable[[str, str], Any], str | None]] = {
 # Connections older than this are replaced (authapp.database tests the ones that waited
 # in the pool before use, and catches the dead ones sooner).
 POOL_RECYCLE_SECONDS = 1800
+# Connections a pool keeps open when the process's thread count is unknown (not uWSGI).
+DEFAULT_POOL_SIZE = 5
 
 
-def engine_options(settings: Mapping[str, Any]) -> dict[str, Any]:
+def worker_threads() -> int | None:
+    """The threads of this uWSGI worker (uwsgi.ini `threads`), None outside uWSGI."""
+    try:
+        import uwsgi  # importable only inside uWSGI
+    except ImportError:
+        return None
+    raw = uwsgi.opt.get("threads", b"1")
+    raw = raw[-1] if isinstance(raw, list) else raw
+    try:
+        return max(1, int(raw.decode() if isinstance(raw, bytes) else raw))
+    except ValueError:
+        return None
+
+
+def engine_options(settings: Mapping[str, Any], threads: int | None = None) -> dict[str, Any]:
     """SQLAlchemy engine options for PostgreSQL: at most DATABASE_MAX_POOL_SIZE connections,
-    tested before use when they sat idle, with connect and statement timeouts. SQLite (one file, no
-    network) keeps Flask-SQLAlchemy's defaults."""
+    of which a worker keeps open only as many as it has threads (the rest close when they
+    come back), tested before use when they sat idle, with a connect timeout. SQLite (one
+    file, no network) keeps Flask-SQLAlchemy's defaults.
+
+    No startup `options` parameter (PgBouncer refuses it): the statement timeout is set
+    per transaction and the idle timeout per connection (authapp.database)."""
     # SQL parameters never reach an error message or a log line: they hold password hashes.
     common = {"hide_parameters": True}
     url = settings.get("DATABASE_URL")
@@ -167,16 +190,21 @@ def engine_options(settings: Mapping[str, Any]) -> dict[str, Any]:
     # client-side deadlines (authapp.database) and libpq's agree.
     connect_args = {
         "connect_timeout": settings["DATABASE_CONNECT_TIMEOUT"],
-        "options": f"-c statement_timeout={settings['DATABASE_STATEMENT_TIMEOUT_MS']}",
         "application_name": "authapp",
     }
+    cap = settings["DATABASE_MAX_POOL_SIZE"]
+    # A thread uses one connection at a time: more idle ones only hold server slots.
+    kept = min(cap, threads or DEFAULT_POOL_SIZE)
     return {
         **common,
-        "pool_size": settings["DATABASE_MAX_POOL_SIZE"],
-        "max_overflow": 0,
+        "pool_size": kept,
+        "max_overflow": cap - kept,
         # Waiting for a free pooled connection is bounded like waiting for a new one.
         "pool_timeout": settings["DATABASE_CONNECT_TIMEOUT"],
         "pool_recycle": POOL_RECYCLE_SECONDS,
+        # The most recently used connection first: the others stay idle and are closed
+        # by the server after DATABASE_IDLE_TIMEOUT.
+        "pool_use_lifo": True,
         "connect_args": connect_args,
     }
 
@@ -236,7 +264,7 @@ def build_flask_config(settings: Mapping[str, Any]) -> dict[str, Any]:
         "JWT_REFRESH_TOKEN_EXPIRES": timedelta(days=settings["REFRESH_TOKEN_EXPIRE_DAYS"]),
         "JWT_TOKEN_LOCATION": ["headers"],
         "SQLALCHEMY_DATABASE_URI": settings.get("DATABASE_URL"),
-        "SQLALCHEMY_ENGINE_OPTIONS": engine_options(settings),
+        "SQLALCHEMY_ENGINE_OPTIONS": engine_options(settings, worker_threads()),
         "MAX_CONTENT_LENGTH": 64 * 1024,
         "RATELIMIT_HEADERS_ENABLED": False,
         "RATELIMIT_STORAGE_OPTIONS": storage_options(settings),

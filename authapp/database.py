@@ -312,6 +312,43 @@ def _apply_deadlines(app: Flask) -> None:
     _install_wait_callback()
 
 
+# -- Per-session and per-transaction settings, without a startup `options` parameter ---
+#
+# PgBouncer refuses libpq's startup `options`, and in transaction mode a session-level SET
+# reaches only whichever server connection ran it. So the statement timeout travels with
+# each transaction: `SET LOCAL statement_timeout` is prepended to the transaction's first
+# statement, in the same message (PostgreSQL runs a multi-statement message as one
+# transaction, in autocommit mode too), so it costs no round trip. The idle timeout is a
+# session setting, sent once per new connection.
+_TIMEOUT_PENDING = "authapp_statement_timeout_pending"
+
+
+def _bound_each_transaction(engine: Engine, statement_ms: int) -> None:
+    prefix = f"SET LOCAL statement_timeout = {int(statement_ms)}; "
+
+    def began(conn: Connection) -> None:
+        conn.info[_TIMEOUT_PENDING] = True
+
+    def bound(conn, cursor, statement, parameters, context, executemany):  # noqa: ANN001
+        if not executemany and conn.info.pop(_TIMEOUT_PENDING, False):
+            statement = prefix + statement
+        return statement, parameters
+
+    event.listen(engine, "begin", began)
+    event.listen(engine, "before_cursor_execute", bound, retval=True)
+
+
+def _close_when_idle(engine: Engine, idle_seconds: int) -> None:
+    statement = f"SET idle_session_timeout = {int(idle_seconds) * 1000}"
+
+    def connected(dbapi_connection: Any, _record: Any) -> None:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute(statement)
+        dbapi_connection.commit()
+
+    event.listen(engine, "connect", connected)
+
+
 # -- Pooled connections that died while idle ---------------------------------------------
 #
 # A connection can die while it waits in the pool: the server restarted, a firewall or
@@ -413,6 +450,10 @@ def init_app(app: Flask) -> None:
             event.listen(engine, "before_cursor_execute", _check_scope)
             if engine.dialect.name == "postgresql":
                 _ping_idle_connections(engine)
+                if app.config["DATABASE_STATEMENT_TIMEOUT_MS"]:
+                    _bound_each_transaction(engine, app.config["DATABASE_STATEMENT_TIMEOUT_MS"])
+                if app.config["DATABASE_IDLE_TIMEOUT"]:
+                    _close_when_idle(engine, app.config["DATABASE_IDLE_TIMEOUT"])
         engine = db.engine
     max_interval = min(app.config["CIRCUIT_BREAKER_TIMEOUT"], app.config["CIRCUIT_BREAKER_PROBE_INTERVAL_MS"] / 1000)
     app.extensions[_PROBE] = DatabaseProbe(
