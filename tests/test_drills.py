@@ -251,3 +251,56 @@ def test_a_read_only_database_is_503_with_retry_after_opens_the_breaker_and_read
     assert client.get("/health").get_json()["checks"] == {"database": "ok", "circuit_breaker": "closed"}
     stored = users_in_database(app.config["SQLALCHEMY_DATABASE_URI"])
     assert "before" in stored and not {"ro0", "ro-open"} & stored.keys()
+
+
+# -- Too many connections -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_cluster() -> Iterator[pgcluster.PgCluster]:
+    """Room for 4 connections in all (the app connects as a superuser: no reserved slots)."""
+    with pgcluster.pg_cluster(max_connections=4, superuser_reserved_connections=0) as cluster:
+        yield cluster
+
+
+def hold_connections(app: Flask, count: int) -> None:
+    """Use `count` connections at once, as `count` busy threads would, then give them back."""
+    with app.app_context():
+        held = [db.engine.connect() for _ in range(count)]
+        for connection in held:
+            connection.close()
+        assert db.engine.pool.checkedin() == count, "an idle pool keeps them"
+
+
+def test_idle_pools_give_their_server_slots_back_after_the_idle_timeout(small_cluster):
+    url = small_cluster.create_database(f"slots_{os.getpid()}")
+    settings = base_settings(DATABASE_URL=url, DATABASE_IDLE_TIMEOUT=2, **DRILL_SETTINGS)
+    migrator = create_app(settings)
+    with migrator.app_context():
+        flask_migrate.upgrade()
+        db.engine.dispose()
+    apps = [create_app(settings) for _ in range(3)]
+    try:
+        first, second, third = apps
+        hold_connections(first, 2)
+        hold_connections(second, 2)  # the server is full: 4 of 4, all idle in two pools
+        client = third.test_client()
+        full = time.monotonic()
+        response = client.post("/auth/register", json=register_body("late"))
+        assert (response.status_code, response.get_json()["error_code"]) == UNAVAILABLE
+        assert response.headers["Retry-After"]
+
+        def registers() -> bool:
+            return client.post("/auth/register", json=register_body(f"late{time.monotonic_ns()}")).status_code == 201
+
+        wait_until(registers, 10, "a free slot once the idle connections were closed")
+        recovered = time.monotonic() - full
+        assert recovered < 2 + RECOVERY_BOUND + 1, recovered
+        for app in (first, second):  # their dead pooled connections are replaced, not served
+            assert app.test_client().get("/health").status_code == 200
+        print(f"\nserver full of idle connections: serving again after {recovered:.1f}s (idle timeout 2 s)")
+    finally:
+        for app in apps:
+            with app.app_context():
+                database.probe().stop()
+                db.engine.dispose()
