@@ -4,9 +4,10 @@ CLOSED: calls go through; `threshold` consecutive connectivity failures open it.
 OPEN: calls are refused at once until `timeout` seconds have passed.
 HALF_OPEN: up to `half_open_max_calls` trial calls go through; a success closes the
 breaker, a failure opens it again. `half_open()` ends the open period early, when
-something outside the breaker (authapp.probe) saw the database answer. Only failures to
-reach the database count; a query
-the database answered (even with an error such as a unique violation) is a success.
+something outside the breaker (authapp.probe) saw the database answer; `trip()` opens it
+at once, for a failure every call would repeat. Only failures to reach the database
+count; a query the database answered (even with an error such as a unique violation) is
+a success.
 
 Every transition is logged (`event: breaker_transition`) and passed to the listeners
 (`on_transition`, `add_listener`), so a metrics exporter can count them; `stats()` gives

@@ -340,11 +340,25 @@ def _bound_each_transaction(engine: Engine, statement_ms: int) -> None:
 
 def _close_when_idle(engine: Engine, idle_seconds: int) -> None:
     statement = f"SET idle_session_timeout = {int(idle_seconds) * 1000}"
+    unsupported: list[str] = []  # PostgreSQL before 14 has no idle_session_timeout
 
     def connected(dbapi_connection: Any, _record: Any) -> None:
-        with dbapi_connection.cursor() as cursor:
-            cursor.execute(statement)
-        dbapi_connection.commit()
+        if unsupported:
+            return
+        # Autocommit (a client-side switch in psycopg2): one round trip, no BEGIN/COMMIT.
+        dbapi_connection.autocommit = True
+        try:
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute(statement)
+        except engine.dialect.loaded_dbapi.ProgrammingError as exc:
+            unsupported.append(describe(exc))
+            log.warning(
+                "idle connections are not closed by the server: %s",
+                unsupported[0],
+                extra={"event": "database_idle_timeout_off", "reason": unsupported[0]},
+            )
+        finally:
+            dbapi_connection.autocommit = False
 
     event.listen(engine, "connect", connected)
 

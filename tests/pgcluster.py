@@ -139,3 +139,24 @@ def pg_cluster(**settings: str | int) -> Iterator[PgCluster]:
         yield cluster
     finally:
         cluster.destroy()
+
+
+def create_empty_database(server_url: str, name: str) -> str:
+    """A new, empty database on the server of `server_url` (the shared test server); its URL."""
+    from helpers import admin_connection
+    from sqlalchemy.engine import make_url
+
+    with admin_connection(make_url(server_url)) as conn, conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        cur.execute(f'CREATE DATABASE "{name}"')
+    return (
+        make_url(server_url).set(drivername="postgresql+psycopg2", database=name).render_as_string(hide_password=False)
+    )
+
+
+def drop_database(server_url: str, name: str) -> None:
+    from helpers import admin_connection
+    from sqlalchemy.engine import make_url
+
+    with admin_connection(make_url(server_url)) as conn, conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

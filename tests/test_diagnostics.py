@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import flask_migrate
+import pgcluster
 import pytest
-from conftest import pg_create_database, pg_drop_database
 from helpers import PASSWORD, TEST_DATABASE_URL, base_settings
 from sqlalchemy.engine import make_url
 
@@ -155,9 +155,9 @@ def unmigrated(backend, tmp_path) -> Iterator[str]:
         yield f"sqlite:///{tmp_path}/empty.db"
         return
     name = f"authapp_test_{os.getpid()}_empty_{uuid.uuid4().hex[:6]}"
-    url = pg_create_database(name)
+    url = pgcluster.create_empty_database(TEST_DATABASE_URL, name)
     yield url
-    pg_drop_database(name)
+    pgcluster.drop_database(TEST_DATABASE_URL, name)
 
 
 def test_a_database_never_migrated_is_a_clear_503_and_a_readiness_failure(unmigrated, logs):

@@ -17,7 +17,6 @@ from pathlib import Path
 import flask_migrate
 import pgcluster
 import pytest
-from conftest import pg_create_database, pg_drop_database
 from helpers import PASSWORD, TEST_DATABASE_URL, admin_connection, assert_error, base_settings, bearer, wait_until
 from sqlalchemy.engine import make_url
 
@@ -88,10 +87,10 @@ def _accepts(port: int) -> bool:
 def bounced_database(pgbouncer) -> Iterator[tuple[str, str]]:
     """(URL through PgBouncer, direct URL) of a new, empty database."""
     name = f"authapp_test_{os.getpid()}_bouncer_{time.monotonic_ns() % 10**6}"
-    direct = pg_create_database(name)
+    direct = pgcluster.create_empty_database(TEST_DATABASE_URL, name)
     bounced = make_url(direct).set(host="127.0.0.1", port=pgbouncer).render_as_string(hide_password=False)
     yield bounced, direct
-    pg_drop_database(name)
+    pgcluster.drop_database(TEST_DATABASE_URL, name)
 
 
 def test_migrations_and_the_api_flows_through_pgbouncer_in_transaction_mode(bounced_database):
