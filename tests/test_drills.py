@@ -282,18 +282,18 @@ def test_idle_pools_give_their_server_slots_back_after_the_idle_timeout(small_cl
     apps = [create_app(settings) for _ in range(3)]
     try:
         first, second, third = apps
+        registered = first.test_client().post("/auth/register", json=register_body("early"))
+        me = bearer(registered.get_json()["access_token"])
         hold_connections(first, 2)
         hold_connections(second, 2)  # the server is full: 4 of 4, all idle in two pools
         client = third.test_client()
         full = time.monotonic()
-        response = client.post("/auth/register", json=register_body("late"))
+        response = client.get("/auth/me", headers=me)
         assert (response.status_code, response.get_json()["error_code"]) == UNAVAILABLE
         assert response.headers["Retry-After"]
 
-        def registers() -> bool:
-            return client.post("/auth/register", json=register_body(f"late{time.monotonic_ns()}")).status_code == 201
-
-        wait_until(registers, 10, "a free slot once the idle connections were closed")
+        wait_until(lambda: client.get("/auth/me", headers=me).status_code == 200, 10, "a slot for /auth/me")
+        assert client.post("/auth/register", json=register_body("late")).status_code == 201
         recovered = time.monotonic() - full
         assert recovered < 2 + RECOVERY_BOUND + 1, recovered
         for app in (first, second):  # their dead pooled connections are replaced, not served
