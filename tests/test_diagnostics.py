@@ -244,3 +244,23 @@ def test_serving_in_development_warns_once_about_the_key_and_quiets_werkzeug(tmp
     )
     with app.app_context():
         db.engine.dispose()
+
+
+def test_migrations_use_migration_database_url_when_it_is_set(tmp_path):
+    import sqlite3
+
+    app = create_app(
+        base_settings(
+            DATABASE_URL=f"sqlite:///{tmp_path}/app.db", MIGRATION_DATABASE_URL=f"sqlite:///{tmp_path}/direct.db"
+        )
+    )
+    with app.app_context():
+        flask_migrate.upgrade()
+        db.engine.dispose()
+    with sqlite3.connect(tmp_path / "direct.db") as direct:
+        assert {row[0] for row in direct.execute("SELECT version_num FROM alembic_version")} == (
+            schema_version.expected_heads()
+        )
+    with sqlite3.connect(tmp_path / "app.db") as used_by_the_app:
+        tables = {row[0] for row in used_by_the_app.execute("SELECT name FROM sqlite_master")}
+    assert "alembic_version" not in tables
