@@ -6,12 +6,12 @@ from __future__ import annotations
 import logging
 
 from . import schema_version
+from .clock import iso_now
 from .database import UPGRADE_HINT, SchemaOutdated, breaker, unit_of_work
 from .errors import AppError
 from .lograte import ThrottledLog
 from .openapi import Blueprint, version
 from .schemas import HealthSchema, LivenessSchema
-from .timeutil import iso_now
 from .version import __version__
 
 log = ThrottledLog(logging.getLogger("authapp.health"))
@@ -59,6 +59,7 @@ def live():
 
 
 def _check_database() -> str:
+    problem: str | None
     try:
         with unit_of_work() as session:
             read_only, versions = schema_version.readiness(session.connection())

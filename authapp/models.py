@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Boolean, DateTime, ForeignKey, Index, Integer, String, func, true, types
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from .extensions import db
+from . import clock
+from .extensions import Base, db
 
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+# What mypy is told db.Model is: Flask-SQLAlchemy builds it from Base at run time.
+if TYPE_CHECKING:
+    Model = Base
+else:
+    Model = db.Model
 
 
 class UTCDateTime(types.TypeDecorator):
@@ -35,7 +39,7 @@ class UTCDateTime(types.TypeDecorator):
         return value
 
 
-class User(db.Model):
+class User(Model):
     __tablename__ = "users"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -43,8 +47,8 @@ class User(db.Model):
     email: Mapped[str] = mapped_column(String(100), nullable=False)
     hashed_password: Mapped[str] = mapped_column(String(255), nullable=False)
     is_active: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True, server_default=true())
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow, onupdate=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=clock.now)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=clock.now, onupdate=clock.now)
     last_login: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
     __table_args__ = (
@@ -57,7 +61,7 @@ class User(db.Model):
         return f"<User {self.id} {self.username!r}>"
 
 
-class AuthSession(db.Model):
+class AuthSession(Model):
     """One login (register, login or change-password) and the refresh tokens rotated from it."""
 
     __tablename__ = "sessions"
@@ -78,7 +82,7 @@ class AuthSession(db.Model):
         return self.revoked_at is None and self.expires_at > now
 
 
-class RefreshToken(db.Model):
+class RefreshToken(Model):
     """A refresh token issued in a session; only a hash of its `jti` is kept."""
 
     __tablename__ = "refresh_tokens"

@@ -8,6 +8,7 @@ import logging
 import threading
 from functools import cache
 from pathlib import Path
+from typing import cast
 
 from flask import Flask
 from sqlalchemy import text
@@ -40,7 +41,8 @@ def readiness(connection: Connection) -> tuple[bool, frozenset[str]]:
     A database that was never migrated raises (no alembic_version table)."""
     if connection.dialect.name == "postgresql":
         read_only, versions = connection.execute(_PG_READINESS).one()
-        return bool(read_only), frozenset(versions)
+        revisions = cast(list[str], versions)  # a PostgreSQL text[] arrives as a list
+        return bool(read_only), frozenset(revisions)
     return False, frozenset(connection.execute(_VERSIONS).scalars())
 
 

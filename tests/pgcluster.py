@@ -143,8 +143,9 @@ def pg_cluster(**settings: str | int) -> Iterator[PgCluster]:
 
 def create_empty_database(server_url: str, name: str) -> str:
     """A new, empty database on the server of `server_url` (the shared test server); its URL."""
-    from helpers import admin_connection
     from sqlalchemy.engine import make_url
+
+    from devtools.postgres import admin_connection
 
     with admin_connection(make_url(server_url)) as conn, conn.cursor() as cur:
         cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -155,8 +156,9 @@ def create_empty_database(server_url: str, name: str) -> str:
 
 
 def drop_database(server_url: str, name: str) -> None:
-    from helpers import admin_connection
     from sqlalchemy.engine import make_url
+
+    from devtools.postgres import admin_connection
 
     with admin_connection(make_url(server_url)) as conn, conn.cursor() as cur:
         cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

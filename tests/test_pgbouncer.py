@@ -17,11 +17,12 @@ from pathlib import Path
 import flask_migrate
 import pgcluster
 import pytest
-from helpers import PASSWORD, TEST_DATABASE_URL, admin_connection, assert_error, base_settings, bearer, wait_until
+from helpers import PASSWORD, TEST_DATABASE_URL, assert_error, base_settings, bearer, wait_until
 from sqlalchemy.engine import make_url
 
 from authapp import create_app, database
 from authapp.extensions import db
+from devtools.postgres import admin_connection
 
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 pytestmark = [

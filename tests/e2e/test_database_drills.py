@@ -12,7 +12,8 @@ from collections import Counter
 
 import pgcluster
 import pytest
-from stack import Api, Outcome, Stack, traffic
+
+from devtools.stack import Api, Outcome, Stack, traffic
 
 pytestmark = [
     pytest.mark.faults,
