@@ -31,6 +31,7 @@ SESSION_REVOKED = "session_revoked"
 USER_CREATED = "user_created"
 USER_DEACTIVATED = "user_deactivated"
 USER_ACTIVATED = "user_activated"
+USER_DELETED = "user_deleted"
 
 _EXTENSION = "authapp.audit"
 Listener = Callable[[str, dict[str, Any]], None]

@@ -24,7 +24,7 @@ from .database import describe
 from .errors import AppError
 from .schemas import RegisterSchema
 
-users = AppGroup("users", help="Create, list, activate and deactivate users; set a password.")
+users = AppGroup("users", help="Create, list, activate, deactivate and delete users; set a password.")
 sessions = AppGroup("sessions", help="Revoke and prune sessions.")
 
 
@@ -49,9 +49,21 @@ def _with_cause(error: AppError) -> str:
     return error.detail
 
 
+def _has_terminal() -> bool:
+    return sys.stdin.isatty()
+
+
+def _need_terminal(instead: str) -> None:
+    """A prompt needs a terminal: without one, say what to do instead (getpass would warn,
+    read an empty line and abort)."""
+    if not _has_terminal():
+        raise click.ClickException(f"no terminal to ask on: {instead}")
+
+
 def _read_password(from_stdin: bool) -> str:
     if from_stdin:
         return sys.stdin.readline().rstrip("\n")
+    _need_terminal("give --password-stdin and write the password to standard input")
     return click.prompt("Password", hide_input=True, confirmation_prompt=True)
 
 
@@ -87,6 +99,7 @@ def create_user(email: str, username: str, password_stdin: bool) -> None:
 @_clean_errors
 def list_users(active_only: bool) -> None:
     """List users: id, username, email, active, created, last login."""
+    click.echo("id\tusername\temail\tstate\tcreated\tlast_login")
     for user in accounts.list_users(include_inactive=not active_only):
         last = iso(user.last_login) if user.last_login else "-"
         state = "active" if user.is_active else "inactive"
@@ -99,6 +112,9 @@ def list_users(active_only: bool) -> None:
 def deactivate(user: str) -> None:
     """Deactivate USER (id, email or username) and end all of its sessions."""
     found = accounts.find_user(user)
+    if not found.is_active:
+        click.echo(f"user {found.id} {found.username} is already inactive; nothing changed")
+        return
     revoked = accounts.set_active(found, False)
     click.echo(f"deactivated user {found.id} {found.username}; {revoked} session(s) revoked")
 
@@ -109,8 +125,27 @@ def deactivate(user: str) -> None:
 def activate(user: str) -> None:
     """Activate USER (id, email or username) again."""
     found = accounts.find_user(user)
+    if found.is_active:
+        click.echo(f"user {found.id} {found.username} is already active; nothing changed")
+        return
     accounts.set_active(found, True)
     click.echo(f"activated user {found.id} {found.username}")
+
+
+@users.command("delete")
+@click.argument("user")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@_clean_errors
+def delete_user(user: str, yes: bool) -> None:
+    """Delete USER (id, email or username) with its sessions and tokens, for good.
+
+    The audit trail keeps a line with the user's id only."""
+    found = accounts.find_user(user)
+    if not yes:
+        _need_terminal("give --yes to delete without confirmation")
+        click.confirm(f"Delete user {found.id} {found.username} <{found.email}> for good?", abort=True)
+    deleted_sessions = accounts.delete_user(found)
+    click.echo(f"deleted user {found.id}; {deleted_sessions} session(s) deleted")
 
 
 @users.command("set-password")

@@ -18,7 +18,7 @@ from webargs import core
 from webargs.flaskparser import FlaskParser, is_json_request
 
 from .errors import NotFound, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
-from .schemas import ErrorSchema
+from .schemas import ErrorSchema, Password
 from .version import __version__
 
 BEARER: list[dict[str, list[str]]] = [{"bearerAuth": []}]
@@ -76,6 +76,9 @@ class Api(flask_smorest.Api):
 
     def _register_error_handlers(self) -> None:
         """The app's own handlers (errors.init_app) answer every error."""
+
+    def _register_pagination_header(self) -> None:
+        """No endpoint paginates: no X-Pagination header, no PaginationMetadata schema."""
 
 
 def _package_dir(package: str, *parts: str) -> Path:
@@ -167,3 +170,10 @@ def init_app(app: Flask, api: Api) -> None:
         },
     )
     app.register_blueprint(assets)
+    min_length = app.config["PASSWORD_MIN_LENGTH"]
+
+    def new_password_rules(converter: Any, field: ma.fields.Field, **kwargs: Any) -> dict[str, Any]:
+        """A password being chosen: at least PASSWORD_MIN_LENGTH characters, as configured."""
+        return {"minLength": min_length} if isinstance(field, Password) and field.new else {}
+
+    api.ma_plugin.converter.add_attribute_function(new_password_rules)

@@ -13,7 +13,12 @@ from . import settings
 from .auth import passwords
 from .clock import iso
 
-USERNAME_RE = re.compile(r"[A-Za-z0-9_.-]{3,50}")
+# The rules of the fields below, which also show them in the OpenAPI document (their
+# `minLength`, `maxLength`, `pattern` and `format`), so the docs pages give them.
+USERNAME_MIN_LENGTH = 3
+USERNAME_MAX_LENGTH = 50
+USERNAME_PATTERN = rf"^[A-Za-z0-9_.-]{{{USERNAME_MIN_LENGTH},{USERNAME_MAX_LENGTH}}}$"
+USERNAME_RE = re.compile(USERNAME_PATTERN)
 EMAIL_MAX_LENGTH = 100
 
 
@@ -44,8 +49,16 @@ class Text(fields.String):
         return text
 
 
+def _with_rules(kwargs: dict[str, Any], **rules: Any) -> dict[str, Any]:
+    """`kwargs` with the field's rules added to its metadata (apispec documents them)."""
+    return {**kwargs, "metadata": {**rules, **kwargs.get("metadata", {})}}
+
+
 class Email(Text):
     """An email address: trimmed, syntax-checked, lowercased, then at most 100 characters."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **_with_rules(kwargs, format="email", maxLength=EMAIL_MAX_LENGTH))
 
     def _deserialize(self, value, attr, data, **kwargs) -> str:
         text = super()._deserialize(value, attr, data, **kwargs).strip()
@@ -64,6 +77,10 @@ class Email(Text):
 class Username(Text):
     """3 to 50 ASCII letters, digits, `_`, `.` or `-`; case is kept, uniqueness ignores it."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        rules = {"minLength": USERNAME_MIN_LENGTH, "maxLength": USERNAME_MAX_LENGTH, "pattern": USERNAME_PATTERN}
+        super().__init__(*args, **_with_rules(kwargs, **rules))
+
     def _deserialize(self, value, attr, data, **kwargs) -> str:
         text = super()._deserialize(value, attr, data, **kwargs)
         if not USERNAME_RE.fullmatch(text):
@@ -73,10 +90,12 @@ class Username(Text):
 
 class Password(Text):
     """A password as sent (any Unicode, NUL included); its policy needs the other fields,
-    so the schema checks it."""
+    so the schema checks it. `new=True` marks a password being chosen, whose minimum
+    length (PASSWORD_MIN_LENGTH, a setting) the OpenAPI document gives too."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, allow_nul=True, **kwargs)
+    def __init__(self, *args: Any, new: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, allow_nul=True, **_with_rules(kwargs, maxLength=passwords.MAX_LENGTH))
+        self.new = new
 
     def _deserialize(self, value, attr, data, **kwargs) -> str:
         text = super()._deserialize(value, attr, data, **kwargs)
@@ -99,7 +118,7 @@ def _check_new_password(password: str, *, username: str | None, email: str | Non
 class RegisterSchema(Schema):
     email = Email(required=True, metadata={"example": "user@example.com"})
     username = Username(required=True, metadata={"example": "newuser"})
-    password = Password(required=True, metadata={"example": "correct horse battery staple"})
+    password = Password(required=True, new=True, metadata={"example": "correct horse battery staple"})
 
     @validates_schema(skip_on_field_errors=False)
     def _password_policy(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -130,7 +149,7 @@ class LogoutSchema(Schema):
 
 class ChangePasswordSchema(Schema):
     current_password = Password(required=True)
-    new_password = Password(required=True)
+    new_password = Password(required=True, new=True)
 
     @validates_schema
     def _password_policy(self, data: dict[str, Any], **kwargs: Any) -> None:

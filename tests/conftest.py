@@ -23,6 +23,7 @@ from typing import Any
 
 import flask_migrate
 import pytest
+import skips
 from flask import Flask
 from flask.testing import FlaskClient
 from helpers import PASSWORD, TEST_DATABASE_URL, base_settings
@@ -67,10 +68,11 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    if not TEST_DATABASE_URL:
-        terminalreporter.write_line(
-            "PostgreSQL was SKIPPED: set TEST_DATABASE_URL to run the suite on PostgreSQL too", yellow=True
-        )
+    """Every skipped group, why, and the command that runs it (tests/skips.py)."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if isinstance(r.longrepr, tuple)]
+    total = sum(len(terminalreporter.stats.get(k, [])) for k in ("passed", "failed", "error", "xfailed", "xpassed"))
+    for line in skips.summary([r.longrepr[2] for r in skipped], total + len(skipped)):
+        terminalreporter.write_line(line, yellow=True)
 
 
 # -- PostgreSQL databases -------------------------------------------------------------

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
-from helpers import PASSWORD, assert_error, bearer, sid_of
+from helpers import PASSWORD, assert_error, base_settings, bearer, sid_of
 from sqlalchemy import func, select, update
 
 from authapp.extensions import db
 from authapp.models import AuthSession, RefreshToken, User
 
 NEW_PASSWORD = "granite-meadow-lantern-7"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -37,6 +43,7 @@ def count(app, model, *where):
         ("users", "deactivate"),
         ("users", "activate"),
         ("users", "set-password"),
+        ("users", "delete"),
         ("sessions", "revoke-all"),
         ("sessions", "prune"),
     ],
@@ -55,7 +62,8 @@ def test_create_and_list(cli, client):
     assert listed.exit_code == 0 and "dora\tdora@example.com\tactive" in listed.stdout
 
 
-def test_create_with_prompt(cli):
+def test_create_with_prompt(cli, monkeypatch):
+    monkeypatch.setattr("authapp.cli._has_terminal", lambda: True)
     result = cli("users", "create", "eve@example.com", "eve", input=f"{PASSWORD}\n{PASSWORD}\n")
     assert result.exit_code == 0, result.output
 
@@ -76,6 +84,7 @@ def test_create_refuses_bad_input_and_duplicates(cli, tokens):
         ("users", "activate", "ghost"),
         ("sessions", "revoke-all", "404"),
         ("users", "set-password", "ghost@example.com", "--password-stdin"),
+        ("users", "delete", "ghost", "--yes"),
     ],
 )
 def test_unknown_user_is_a_clear_error(cli, args):
@@ -140,3 +149,104 @@ def test_prune(app, cli, client, tokens):
     assert client.get("/auth/me", headers=bearer(tokens["access_token"])).status_code == 200
     assert count(app, RefreshToken, RefreshToken.parent_id.is_not(None)) == 1
     assert count(app, User) == 1
+
+
+def audit_events(caplog, event: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "authapp.audit" and getattr(r, "event", None) == event]
+
+
+def test_list_prints_a_header(cli, tokens):
+    lines = cli("users", "list").stdout.splitlines()
+    assert lines[0] == "id\tusername\temail\tstate\tcreated\tlast_login"
+    assert lines[1].split("\t")[:4] == [str(tokens["user"]["id"]), "alice", "alice@example.com", "active"]
+    assert cli("users", "list", "--active-only").stdout.splitlines()[0].startswith("id\tusername")
+
+
+def test_deactivating_an_inactive_user_says_so_and_audits_once(cli, tokens, caplog):
+    caplog.set_level(logging.INFO, logger="authapp.audit")
+    assert cli("users", "deactivate", "alice").stdout.startswith("deactivated user")
+    again = cli("users", "deactivate", "alice")
+    assert again.exit_code == 0
+    assert again.stdout == f"user {tokens['user']['id']} alice is already inactive; nothing changed\n"
+    assert len(audit_events(caplog, "user_deactivated")) == 1
+
+
+def test_activating_an_active_user_says_so_and_audits_nothing(cli, tokens, caplog):
+    caplog.set_level(logging.INFO, logger="authapp.audit")
+    result = cli("users", "activate", "alice")
+    assert result.exit_code == 0 and "is already active; nothing changed" in result.stdout
+    assert audit_events(caplog, "user_activated") == []
+    cli("users", "deactivate", "alice")
+    assert cli("users", "activate", "alice").stdout.startswith("activated user")
+    assert len(audit_events(caplog, "user_activated")) == 1
+
+
+def test_delete_erases_the_user_its_sessions_and_tokens(app, cli, client, tokens, register, caplog):
+    caplog.set_level(logging.INFO, logger="authapp.audit")
+    other = register(username="bob")
+    client.post("/auth/login", json={"username": "alice", "password": PASSWORD})
+    user_id = tokens["user"]["id"]
+    result = cli("users", "delete", "alice@example.com", "--yes")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"deleted user {user_id}; 2 session(s) deleted\n"
+    assert count(app, User, User.id == user_id) == 0
+    assert count(app, AuthSession, AuthSession.user_id == user_id) == 0
+    assert count(app, RefreshToken) == 1  # bob's
+    assert client.get("/auth/me", headers=bearer(tokens["access_token"])).status_code == 401
+    refreshed = client.post("/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+    assert refreshed.status_code == 401
+    assert client.post("/auth/login", json={"username": "alice", "password": PASSWORD}).status_code == 401
+    assert client.get("/auth/me", headers=bearer(other["access_token"])).status_code == 200
+    # The audit line keeps the id, and nothing personal.
+    (event,) = audit_events(caplog, "user_deleted")
+    assert event.user_id == user_id and event.sessions_deleted == 2
+    assert not any("alice" in str(value) for value in vars(event).values())
+    # The address is free again.
+    assert (
+        client.post(
+            "/auth/register", json={"email": "alice@example.com", "username": "alice", "password": PASSWORD}
+        ).status_code
+        == 201
+    )
+
+
+def test_delete_asks_first(app, cli, tokens, monkeypatch):
+    monkeypatch.setattr("authapp.cli._has_terminal", lambda: True)
+    refused = cli("users", "delete", "alice", input="n\n")
+    assert refused.exit_code == 1 and "for good? [y/N]" in refused.output
+    assert count(app, User) == 1
+    confirmed = cli("users", "delete", "alice", input="y\n")
+    assert confirmed.exit_code == 0 and "deleted user" in confirmed.stdout
+    assert count(app, User) == 0
+
+
+def test_delete_without_terminal_or_yes_is_refused(app, cli, tokens):
+    result = cli("users", "delete", "alice")
+    assert result.exit_code == 1
+    assert result.stderr == "Error: no terminal to ask on: give --yes to delete without confirmation\n"
+    assert count(app, User) == 1
+
+
+@pytest.mark.parametrize(
+    "args,advice",
+    [
+        (["users", "create", "x@example.com", "xavier"], "give --password-stdin and write the password"),
+        (["users", "set-password", "alice"], "give --password-stdin and write the password"),
+    ],
+)
+def test_prompt_without_a_terminal_is_one_clear_line(app, tokens, args, advice):
+    """A real process with no terminal (cron, ssh without -t, a pipe): one line, exit 1,
+    no GetPassWarning and no "Aborted!"."""
+    env = {
+        **{k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")},
+        **base_settings(DATABASE_URL=app.config["SQLALCHEMY_DATABASE_URI"]),
+    }
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "flask"), "--app", "wsgi", *args],
+        cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+        start_new_session=True,  # no controlling terminal: getpass cannot open /dev/tty
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines()[-1] == f"Error: no terminal to ask on: {advice} to standard input"
+    assert "Warning" not in result.stderr and "Aborted" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if not line.startswith("{")] == [result.stderr.splitlines()[-1]]

@@ -69,3 +69,47 @@ def test_redoc_bundle_loads_nothing_from_a_cdn(client):
         client.get("/docs-assets/redoc.standalone.js", headers={"If-None-Match": response.headers["ETag"]}).status_code
         == 304
     )
+
+
+# -- The document itself: valid OpenAPI 3.0, with the contract's field rules ----------------
+
+
+def test_openapi_document_is_valid_openapi_3_0(client):
+    from openapi_spec_validator import OpenAPIV30SpecValidator, validate
+
+    spec = client.get("/openapi.json").get_json()
+    validate(spec, cls=OpenAPIV30SpecValidator)  # raises on any violation
+    # `servers` is a list or absent (null is not OpenAPI); no schema is left unused.
+    assert isinstance(spec.get("servers", []), list)
+    unused = [name for name in spec["components"]["schemas"] if f"#/components/schemas/{name}'" not in str(spec)]
+    assert unused == [] and "PaginationMetadata" not in str(spec), unused
+
+
+@pytest.mark.parametrize("settings", [{"PASSWORD_MIN_LENGTH": "12"}])
+def test_request_schemas_carry_the_field_rules(client, settings):
+    schemas = client.get("/openapi.json").get_json()["components"]["schemas"]
+    email = {"type": "string", "format": "email", "maxLength": 100}
+    username = {"type": "string", "minLength": 3, "maxLength": 50, "pattern": "^[A-Za-z0-9_.-]{3,50}$"}
+    new_password = {"type": "string", "minLength": 12, "maxLength": 128}  # PASSWORD_MIN_LENGTH
+    register = schemas["Register"]["properties"]
+    assert email.items() <= register["email"].items()
+    assert username.items() <= register["username"].items()
+    assert new_password.items() <= register["password"].items()
+    assert new_password.items() <= schemas["ChangePassword"]["properties"]["new_password"].items()
+    # A password given to log in or to confirm is checked for its length only at the top.
+    login = schemas["Login"]["properties"]
+    assert email.items() <= login["email"].items()
+    assert login["password"] == {"type": "string", "maxLength": 128}
+    assert schemas["ChangePassword"]["properties"]["current_password"] == {"type": "string", "maxLength": 128}
+
+
+def test_username_pattern_in_the_document_is_the_rule_the_api_applies(client):
+    import re
+
+    pattern = client.get("/openapi.json").get_json()["components"]["schemas"]["Register"]["properties"]["username"]
+    rule = re.compile(pattern["pattern"])
+    for name, valid in [("ab", False), ("abc", True), ("a" * 50, True), ("a" * 51, False), ("a b", False),
+                        ("Al.ice-_9", True), ("abc\n", False), ("é" * 3, False)]:  # fmt: skip
+        assert (rule.search(name) is not None and rule.search(name).group() == name) == valid, name
+        reply = client.post("/auth/register", json={"email": "x@example.com", "username": name, "password": "x"})
+        assert ("username" in reply.get_json().get("errors", {})) == (not valid), name

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from sqlalchemy import Select, func, or_, select, update
+from sqlalchemy import Select, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .. import audit, clock, settings
 from ..database import unit_of_work
 from ..errors import NotFound, UserAlreadyExists
-from ..models import AuthSession, User
+from ..models import AuthSession, RefreshToken, User
 from . import passwords, sessions
 from .context import Client
 
@@ -120,3 +120,21 @@ def replace_password(user: Any, password: str, client: Client | None = None) -> 
     else:
         audit.record(audit.PASSWORD_CHANGED, user_id=user.id, sessions_revoked=revoked, by="operator")
     return revoked, issued
+
+
+# -- Erasure ------------------------------------------------------------------------------
+
+
+def delete_user(user: User) -> int:
+    """Erase a user (operators): the account, its sessions and their refresh tokens, in one
+    transaction. The audit line keeps the id only, no personal data. Returns the sessions."""
+    with unit_of_work() as db:
+        count = db.scalar(select(func.count()).select_from(AuthSession).where(AuthSession.user_id == user.id))
+        session_ids = select(AuthSession.id).where(AuthSession.user_id == user.id)
+        db.execute(delete(RefreshToken).where(RefreshToken.session_id.in_(session_ids)))
+        db.execute(delete(AuthSession).where(AuthSession.user_id == user.id))
+        deleted = db.execute(delete(User).where(User.id == user.id)).rowcount  # type: ignore[attr-defined]
+    if not deleted:
+        raise NotFound(f"No user matches {str(user.id)!r}")
+    audit.record(audit.USER_DELETED, user_id=user.id, sessions_deleted=count, by="operator")
+    return count or 0
