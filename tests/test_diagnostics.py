@@ -91,7 +91,7 @@ def test_flask_db_upgrade_on_a_wrong_database_name_prints_one_line_with_why():
 @needs_pg
 def test_an_operator_command_says_why_the_database_is_unavailable():
     app = create_app(base_settings(DATABASE_URL=missing_database_url()))
-    result = app.test_cli_runner().invoke(args=["users", "list"])
+    result = app.test_cli_runner().invoke(args=["users", "deactivate", "alice"])
     assert result.exit_code == 1
     # The runner mixes stderr's JSON log line in; the command's own answer is the last line.
     lines = [line for line in result.output.splitlines() if not line.startswith("{")]
