@@ -126,6 +126,8 @@ def _speedups(name: str, raw: str) -> tuple[str, ...]:
 SETTINGS: dict[str, tuple[Callable[[str, str], Any], str | None]] = {
     "ENVIRONMENT": (_choice(ENVIRONMENTS), "development"),
     "DATABASE_URL": (_database_url, None),
+    # `flask db upgrade` connects here when set (a direct URL beside a pooler's).
+    "MIGRATION_DATABASE_URL": (_database_url, None),
     "JWT_SECRET_KEY": (_text, None),
     "JWT_ALGORITHM": (_choice(JWT_ALGORITHMS, upper=True), "HS256"),
     "JWT_ISSUER": (_text, "authapp"),
@@ -139,15 +141,23 @@ SETTINGS: dict[str, tuple[Callable[[str, str], Any], str | None]] = {
     "DATABASE_MAX_POOL_SIZE": (_int(1, 1000), "20"),
     "DATABASE_CONNECT_TIMEOUT": (_int(1, 300), "5"),
     "DATABASE_STATEMENT_TIMEOUT_MS": (_int(0, 3_600_000), "5000"),
+    # PostgreSQL closes a connection that sat idle this long (idle_session_timeout), so
+    # that an idle worker gives its server slots back; 0 keeps them open.
+    "DATABASE_IDLE_TIMEOUT": (_int(0, 86_400), "60"),
     "CIRCUIT_BREAKER_THRESHOLD": (_int(1, 1000), "5"),
     "CIRCUIT_BREAKER_TIMEOUT": (_int(1, 3600), "60"),
     "CIRCUIT_BREAKER_HALF_OPEN_MAX_CALLS": (_int(1, 1000), "1"),
+    # While the breaker is open, the database is checked in the background at growing
+    # intervals, up to this one (and never more often than every 50 ms).
+    "CIRCUIT_BREAKER_PROBE_INTERVAL_MS": (_int(50, 3_600_000), "1000"),
     "CORS_ORIGINS": (_origins, ""),
     "BCRYPT_ROUNDS": (_int(4, 31), "12"),
     "PASSWORD_MIN_LENGTH": (_int(8, 128), "8"),
     "RATELIMIT_ENABLED": (_bool, "true"),
     "RATELIMIT_STORAGE_URI": (_storage_uri, "memory://"),
     "RATELIMIT_KEY_PREFIX": (lambda name, raw: raw.strip(), ""),
+    # Every call to the counters' Redis: connecting, and each command's answer.
+    "RATELIMIT_STORAGE_TIMEOUT_MS": (_int(10, 60_000), "100"),
     "LOGIN_RATE_LIMIT": (_rate_limit, "30/minute"),
     "REGISTER_RATE_LIMIT": (_rate_limit, "10/minute"),
     "REFRESH_RATE_LIMIT": (_rate_limit, "60/minute"),
@@ -163,12 +173,32 @@ SETTINGS: dict[str, tuple[Callable[[str, str], Any], str | None]] = {
 # Connections older than this are replaced (authapp.database tests the ones that waited
 # in the pool before use, and catches the dead ones sooner).
 POOL_RECYCLE_SECONDS = 1800
+# Connections a pool keeps open when the process's thread count is unknown (not uWSGI).
+DEFAULT_POOL_SIZE = 5
 
 
-def engine_options(settings: Mapping[str, Any]) -> dict[str, Any]:
+def worker_threads() -> int | None:
+    """The threads of this uWSGI worker (uwsgi.ini `threads`), None outside uWSGI."""
+    try:
+        import uwsgi  # importable only inside uWSGI
+    except ImportError:
+        return None
+    raw = uwsgi.opt.get("threads", b"1")
+    raw = raw[-1] if isinstance(raw, list) else raw
+    try:
+        return max(1, int(raw.decode() if isinstance(raw, bytes) else raw))
+    except ValueError:
+        return None
+
+
+def engine_options(settings: Mapping[str, Any], threads: int | None = None) -> dict[str, Any]:
     """SQLAlchemy engine options for PostgreSQL: at most DATABASE_MAX_POOL_SIZE connections,
-    tested before use when they sat idle, with connect and statement timeouts. SQLite (one file, no
-    network) keeps Flask-SQLAlchemy's defaults."""
+    of which a worker keeps open only as many as it has threads (the rest close when they
+    come back), tested before use when they sat idle, with a connect timeout. SQLite (one
+    file, no network) keeps Flask-SQLAlchemy's defaults.
+
+    No startup `options` parameter (PgBouncer refuses it): the statement timeout is set
+    per transaction and the idle timeout per connection (authapp.database)."""
     # SQL parameters never reach an error message or a log line: they hold password hashes.
     common = {"hide_parameters": True}
     url = settings.get("DATABASE_URL")
@@ -178,18 +208,32 @@ def engine_options(settings: Mapping[str, Any]) -> dict[str, Any]:
     # client-side deadlines (authapp.database) and libpq's agree.
     connect_args = {
         "connect_timeout": settings["DATABASE_CONNECT_TIMEOUT"],
-        "options": f"-c statement_timeout={settings['DATABASE_STATEMENT_TIMEOUT_MS']}",
         "application_name": "authapp",
     }
+    cap = settings["DATABASE_MAX_POOL_SIZE"]
+    # A thread uses one connection at a time: more idle ones only hold server slots.
+    kept = min(cap, threads or DEFAULT_POOL_SIZE)
     return {
         **common,
-        "pool_size": settings["DATABASE_MAX_POOL_SIZE"],
-        "max_overflow": 0,
+        "pool_size": kept,
+        "max_overflow": cap - kept,
         # Waiting for a free pooled connection is bounded like waiting for a new one.
         "pool_timeout": settings["DATABASE_CONNECT_TIMEOUT"],
         "pool_recycle": POOL_RECYCLE_SECONDS,
+        # The most recently used connection first: the others stay idle and are closed
+        # by the server after DATABASE_IDLE_TIMEOUT.
+        "pool_use_lifo": True,
         "connect_args": connect_args,
     }
+
+
+def storage_options(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Options of the counters' storage (Flask-Limiter and the lockout): a Redis that hangs
+    costs a call RATELIMIT_STORAGE_TIMEOUT_MS at most, instead of blocking the request."""
+    if not settings["RATELIMIT_STORAGE_URI"].startswith(("redis://", "rediss://")):
+        return {}
+    timeout = settings["RATELIMIT_STORAGE_TIMEOUT_MS"] / 1000
+    return {"socket_timeout": timeout, "socket_connect_timeout": timeout}
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -238,9 +282,10 @@ def build_flask_config(settings: Mapping[str, Any]) -> dict[str, Any]:
         "JWT_REFRESH_TOKEN_EXPIRES": timedelta(days=settings["REFRESH_TOKEN_EXPIRE_DAYS"]),
         "JWT_TOKEN_LOCATION": ["headers"],
         "SQLALCHEMY_DATABASE_URI": settings.get("DATABASE_URL"),
-        "SQLALCHEMY_ENGINE_OPTIONS": engine_options(settings),
+        "SQLALCHEMY_ENGINE_OPTIONS": engine_options(settings, worker_threads()),
         "MAX_CONTENT_LENGTH": 64 * 1024,
         "RATELIMIT_HEADERS_ENABLED": False,
+        "RATELIMIT_STORAGE_OPTIONS": storage_options(settings),
         # Tokens travel in the Authorization header only, so no CSRF claim is needed.
         "JWT_COOKIE_CSRF_PROTECT": False,
     }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,7 +11,7 @@ from flask import Flask
 
 from config import build_flask_config, load_settings
 
-from . import cli, database, errors, health, openapi, ratelimit, security, settings, speedups
+from . import cli, database, errors, health, openapi, ratelimit, security, settings, speedups, startup
 from .auth import routes, tokens
 from .extensions import cors, db, jwt, migrate
 from .observability import logs, metrics, requests
@@ -33,7 +32,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     register_hooks(app)
     register_commands(app)
     speedups.install(app, app.config["SPEEDUPS"])
-    warn_if_ephemeral_secret(app)
+    startup.init_app(app)
     return app
 
 
@@ -97,11 +96,3 @@ def register_hooks(app: Flask) -> None:
 
 def register_commands(app: Flask) -> None:
     cli.init_app(app)
-
-
-def warn_if_ephemeral_secret(app: Flask) -> None:
-    if app.config["JWT_SECRET_GENERATED"] and not app.testing:
-        logging.getLogger("authapp").warning(
-            "JWT_SECRET_KEY is not set: using a random key; tokens die with this process",
-            extra={"event": "ephemeral_jwt_secret"},
-        )

@@ -3,8 +3,11 @@
 CLOSED: calls go through; `threshold` consecutive connectivity failures open it.
 OPEN: calls are refused at once until `timeout` seconds have passed.
 HALF_OPEN: up to `half_open_max_calls` trial calls go through; a success closes the
-breaker, a failure opens it again. Only failures to reach the database count; a query
-the database answered (even with an error such as a unique violation) is a success.
+breaker, a failure opens it again. `half_open()` ends the open period early, when
+something outside the breaker (authapp.probe) saw the database answer; `trip()` opens it
+at once, for a failure every call would repeat. Only failures to reach the database
+count; a query the database answered (even with an error such as a unique violation) is
+a success.
 
 Every transition is logged (`event: breaker_transition`) and passed to the listeners
 (`on_transition`, `add_listener`), so a metrics exporter can count them; `stats()` gives
@@ -55,7 +58,9 @@ class CircuitBreaker:
         clock: Callable[[], float] = time.monotonic,
         is_failure: Callable[[BaseException], bool] = lambda exc: True,
         on_transition: Listener | None = None,
+        name: str = "database",
     ) -> None:
+        self.name = name
         self.threshold = threshold
         self.timeout = timeout
         self.half_open_max_calls = half_open_max_calls
@@ -112,11 +117,13 @@ class CircuitBreaker:
             return
         self._transitions[old, new] += 1
         log.warning(
-            "circuit breaker %s -> %s",
+            "%s circuit breaker %s -> %s",
+            self.name,
             old.value,
             new.value,
             extra={
                 "event": "breaker_transition",
+                "breaker": self.name,
                 "from_state": old.value,
                 "to_state": new.value,
                 "transitions_total": self._transitions[old, new],
@@ -128,6 +135,25 @@ class CircuitBreaker:
             except Exception:
                 # A broken metrics hook must not break the breaker or the request.
                 log.exception("circuit breaker listener failed", extra={"event": "breaker_listener_error"})
+
+    def half_open(self) -> bool:
+        """End the open period now (something outside saw the database answer): OPEN ->
+        HALF_OPEN, so that the next calls are the trials. False when it was not open."""
+        with self._lock:
+            self._advance()
+            if self._state is not State.OPEN:
+                return False
+            self._trials = 0
+            self._move(State.HALF_OPEN)
+            return True
+
+    def trip(self) -> None:
+        """Open now, whatever the count: a failure that every call would repeat (the
+        database refuses writes) while other calls may still succeed and reset the count."""
+        with self._lock:
+            self._advance()
+            if self._state is not State.OPEN:
+                self._open()
 
     def _retry_after(self) -> int:
         return max(1, math.ceil(self.timeout - (self._clock() - self._opened_at)))

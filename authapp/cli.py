@@ -15,11 +15,13 @@ import click
 from flask import Flask, current_app
 from flask.cli import AppGroup
 from marshmallow import ValidationError
+from sqlalchemy.exc import DBAPIError
 
 from . import ratelimit
 from .auth import accounts
 from .auth import sessions as auth_sessions
 from .clock import iso
+from .database import describe
 from .errors import AppError
 from .schemas import RegisterSchema
 
@@ -35,9 +37,17 @@ def _clean_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except AppError as error:
-            raise click.ClickException(error.detail) from None
+            raise click.ClickException(_with_cause(error)) from None
 
     return wrapper
+
+
+def _with_cause(error: AppError) -> str:
+    """The error's detail, and for a database error the driver's own words (why)."""
+    cause = error.__cause__
+    if isinstance(cause, DBAPIError):
+        return f"{error.detail}: {describe(cause)}"
+    return error.detail
 
 
 def _has_terminal() -> bool:

@@ -10,14 +10,14 @@ import select
 import socket
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import cache
 from typing import Any, cast
 
 from flask import Flask, current_app, has_request_context
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -26,11 +26,16 @@ from sqlalchemy.orm import Session
 from .breaker import BreakerOpen, CircuitBreaker
 from .errors import CircuitBreakerOpen, ServiceUnavailable
 from .extensions import db
+from .lograte import ThrottledLog
+from .probe import DatabaseProbe
 
 log = logging.getLogger("authapp.database")
 
 RETRY_AFTER_SECONDS = "5"
 _EXTENSION = "authapp.breaker"
+_PROBE = "authapp.probe"
+# An outage repeats the same error on every request: one line per event and interval.
+_throttled = ThrottledLog(log)
 _in_unit_of_work: ContextVar[bool] = ContextVar("authapp_in_unit_of_work", default=False)
 # Whether the request being handled (in this thread) went through the breaker; reset by
 # `begin_request` at the start of each request.
@@ -39,8 +44,74 @@ _used_in_request: ContextVar[bool] = ContextVar("authapp_used_in_request", defau
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
+# SQLSTATE 25006 read_only_sql_transaction: a standby after a failover, or
+# default_transaction_read_only. For the client it is an outage like a lost connection.
+READ_ONLY_SQLSTATE = "25006"
+# undefined_table, undefined_column: the schema is older than the code (never migrated).
+SCHEMA_SQLSTATES = ("42P01", "42703")
+_SQLITE_SCHEMA_ERRORS = ("no such table", "no such column", "has no column named")
+UPGRADE_HINT = "run `flask --app wsgi db upgrade`"
+
+
+class WritesRefused(ServiceUnavailable):
+    """503 SERVICE_UNAVAILABLE: the database is read-only (a failover to a standby)."""
+
+    detail = "The database refuses writes (read-only); try again later"
+
+
+class SchemaOutdated(ServiceUnavailable):
+    """503 SERVICE_UNAVAILABLE: the database's schema is older than the code."""
+
+    detail = "The database schema is not up to date"
+
+
+def _driver_error(exc: BaseException) -> BaseException:
+    return exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """PostgreSQL's SQLSTATE of a driver error (None for SQLite and client-side errors)."""
+    return getattr(_driver_error(exc), "pgcode", None)
+
+
+def describe(exc: BaseException) -> str:
+    """The driver's own message, one line, for a log or the CLI: "FATAL: sorry, too many
+    clients already", "database "x" does not exist", "connection refused".
+
+    Only the server's primary message or the first line of libpq's: never the statement
+    or its parameters (SQLAlchemy's message carries the statement)."""
+    orig = _driver_error(exc)
+    diag = getattr(orig, "diag", None)
+    message = getattr(diag, "message_primary", None) if diag is not None else None
+    if not message:
+        text_ = str(orig).strip() or type(orig).__name__
+        message = text_.splitlines()[0].strip()
+        if isinstance(exc, DBAPIError) and orig is exc:  # SQLAlchemy's own: drop the SQL
+            message = message.split(" [SQL:", 1)[0]
+    return message[:300]
+
+
+def is_read_only_error(exc: BaseException) -> bool:
+    return isinstance(exc, DBAPIError) and sqlstate(exc) == READ_ONLY_SQLSTATE
+
+
+def is_schema_error(exc: BaseException) -> bool:
+    """The database answered that a table or column of the models is missing."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    if sqlstate(exc) in SCHEMA_SQLSTATES:
+        return True
+    orig = exc.orig
+    return type(orig).__module__ == "sqlite3" and str(orig).startswith(_SQLITE_SCHEMA_ERRORS)
+
+
 def is_connectivity_error(exc: BaseException) -> bool:
-    """A failure to reach the database, as opposed to a query the database refused."""
+    """A failure to reach the database, as opposed to a query the database refused; a
+    database that refuses writes (read-only) counts as unreachable."""
+    if is_read_only_error(exc):
+        return True
+    if is_schema_error(exc):
+        return False  # SQLite reports "no such table" as an OperationalError
     if isinstance(exc, (OperationalError, InterfaceError, PoolTimeoutError, DisconnectionError)):
         return True
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
@@ -54,6 +125,22 @@ def breaker_of(app: Flask) -> CircuitBreaker:
 def breaker() -> CircuitBreaker:
     """The circuit breaker of the current app."""
     return current_app.extensions[_EXTENSION]
+
+
+def probe() -> DatabaseProbe:
+    return current_app.extensions[_PROBE]
+
+
+def _log_database_error(exc: BaseException) -> None:
+    _throttled.log(
+        logging.ERROR,
+        "database_error",
+        "database unavailable: %s",
+        describe(exc),
+        error=type(exc).__name__,
+        sqlstate=sqlstate(exc),
+        reason=describe(exc),
+    )
 
 
 def begin_request() -> None:
@@ -78,11 +165,29 @@ def _through_breaker() -> Iterator[None]:
         with breaker().guard():
             yield
     except BreakerOpen as exc:
-        raise CircuitBreakerOpen(headers={"Retry-After": str(exc.retry_after)}) from None
+        # The probe checks again well before the breaker's own timeout: say so.
+        retry_after = min(exc.retry_after, probe().retry_after())
+        raise CircuitBreakerOpen(headers={"Retry-After": str(retry_after)}) from None
     except Exception as exc:
+        if is_read_only_error(exc):
+            # Reads still succeed and would reset the count: every write fails until the
+            # database takes writes again (the probe checks that).
+            breaker().trip()
+            _log_database_error(exc)
+            raise WritesRefused(headers={"Retry-After": RETRY_AFTER_SECONDS}) from exc
         if is_connectivity_error(exc):
-            log.error("database unavailable", extra={"event": "database_error", "error": type(exc).__name__})
+            _log_database_error(exc)
             raise ServiceUnavailable(headers={"Retry-After": RETRY_AFTER_SECONDS}) from exc
+        if is_schema_error(exc):
+            _throttled.log(
+                logging.ERROR,
+                "database_schema_error",
+                "the database schema is older than the code (%s); %s",
+                describe(exc),
+                UPGRADE_HINT,
+                sqlstate=sqlstate(exc),
+            )
+            raise SchemaOutdated(headers={"Retry-After": RETRY_AFTER_SECONDS}) from exc
         raise
     finally:
         _in_unit_of_work.reset(scope)
@@ -220,6 +325,57 @@ def _apply_deadlines(app: Flask) -> None:
     _install_wait_callback()
 
 
+# -- Per-session and per-transaction settings, without a startup `options` parameter ---
+#
+# PgBouncer refuses libpq's startup `options`, and in transaction mode a session-level SET
+# reaches only whichever server connection ran it. So the statement timeout travels with
+# each transaction: `SET LOCAL statement_timeout` is prepended to the transaction's first
+# statement, in the same message (PostgreSQL runs a multi-statement message as one
+# transaction, in autocommit mode too), so it costs no round trip. The idle timeout is a
+# session setting, sent once per new connection.
+_TIMEOUT_PENDING = "authapp_statement_timeout_pending"
+
+
+def _bound_each_transaction(engine: Engine, statement_ms: int) -> None:
+    prefix = f"SET LOCAL statement_timeout = {int(statement_ms)}; "
+
+    def began(conn: Connection) -> None:
+        conn.info[_TIMEOUT_PENDING] = True
+
+    def bound(conn, cursor, statement, parameters, context, executemany):  # noqa: ANN001
+        if not executemany and conn.info.pop(_TIMEOUT_PENDING, False):
+            statement = prefix + statement
+        return statement, parameters
+
+    event.listen(engine, "begin", began)
+    event.listen(engine, "before_cursor_execute", bound, retval=True)
+
+
+def _close_when_idle(engine: Engine, idle_seconds: int) -> None:
+    statement = f"SET idle_session_timeout = {int(idle_seconds) * 1000}"
+    unsupported: list[str] = []  # PostgreSQL before 14 has no idle_session_timeout
+
+    def connected(dbapi_connection: Any, _record: Any) -> None:
+        if unsupported:
+            return
+        # Autocommit (a client-side switch in psycopg2): one round trip, no BEGIN/COMMIT.
+        dbapi_connection.autocommit = True
+        try:
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute(statement)
+        except engine.dialect.loaded_dbapi.ProgrammingError as exc:
+            unsupported.append(describe(exc))
+            log.warning(
+                "idle connections are not closed by the server: %s",
+                unsupported[0],
+                extra={"event": "database_idle_timeout_off", "reason": unsupported[0]},
+            )
+        finally:
+            dbapi_connection.autocommit = False
+
+    event.listen(engine, "connect", connected)
+
+
 # -- Pooled connections that died while idle ---------------------------------------------
 #
 # A connection can die while it waits in the pool: the server restarted, a firewall or
@@ -270,9 +426,44 @@ def dispose_after_fork() -> None:
 os.register_at_fork(after_in_child=dispose_after_fork)
 
 
+# -- Is the database back? ------------------------------------------------------------
+
+
+class DatabaseReadOnly(Exception):
+    """The database answers but refuses writes (a standby, default_transaction_read_only)."""
+
+
+READ_ONLY_QUERY = text("SELECT current_setting('transaction_read_only')")
+
+
+def raise_if_read_only(connection: Connection) -> None:
+    """One statement: raise DatabaseReadOnly when this connection's transactions cannot write."""
+    if connection.dialect.name != "postgresql":
+        connection.execute(text("SELECT 1"))
+    elif connection.execute(READ_ONLY_QUERY).scalar_one() == "on":
+        raise DatabaseReadOnly("the database is read-only (transaction_read_only is on)")
+
+
+def _probe_check(engine: Engine) -> Callable[[], None]:
+    def check() -> None:
+        with engine.connect() as connection:
+            try:
+                raise_if_read_only(connection)
+            except DatabaseReadOnly:
+                # A session keeps the read-only default it started with: ask a new one next.
+                connection.invalidate()
+                raise
+
+    return check
+
+
+def _describe_probe_failure(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, DatabaseReadOnly) else describe(exc)
+
+
 def init_app(app: Flask) -> None:
-    """Create the process's breaker and bind the SQLAlchemy extension."""
-    app.extensions[_EXTENSION] = CircuitBreaker(
+    """Create the process's breaker and its probe, and bind the SQLAlchemy extension."""
+    breaker = app.extensions[_EXTENSION] = CircuitBreaker(
         threshold=app.config["CIRCUIT_BREAKER_THRESHOLD"],
         timeout=app.config["CIRCUIT_BREAKER_TIMEOUT"],
         half_open_max_calls=app.config["CIRCUIT_BREAKER_HALF_OPEN_MAX_CALLS"],
@@ -286,3 +477,17 @@ def init_app(app: Flask) -> None:
             event.listen(engine, "before_cursor_execute", _check_scope)
             if engine.dialect.name == "postgresql":
                 _ping_idle_connections(engine)
+                if app.config["DATABASE_STATEMENT_TIMEOUT_MS"]:
+                    _bound_each_transaction(engine, app.config["DATABASE_STATEMENT_TIMEOUT_MS"])
+                if app.config["DATABASE_IDLE_TIMEOUT"]:
+                    _close_when_idle(engine, app.config["DATABASE_IDLE_TIMEOUT"])
+        engine = db.engine
+    max_interval = min(app.config["CIRCUIT_BREAKER_TIMEOUT"], app.config["CIRCUIT_BREAKER_PROBE_INTERVAL_MS"] / 1000)
+    app.extensions[_PROBE] = DatabaseProbe(
+        breaker,
+        _probe_check(engine),
+        max_interval,
+        describe=_describe_probe_failure,
+        # Connections from before the outage are suspect: the next requests get new ones.
+        on_recovered=engine.dispose,
+    )

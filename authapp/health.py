@@ -1,15 +1,23 @@
-"""Liveness (the process answers) and readiness (the database answers)."""
+"""Liveness (the process answers) and readiness (the database answers, takes writes,
+and has the schema this code expects)."""
 
 from __future__ import annotations
 
-from sqlalchemy import text
+import logging
 
+from . import schema_version
 from .clock import iso_now
-from .database import breaker, unit_of_work
+from .database import UPGRADE_HINT, SchemaOutdated, breaker, unit_of_work
 from .errors import AppError
+from .lograte import ThrottledLog
 from .openapi import Blueprint, version
 from .schemas import HealthSchema, LivenessSchema
 from .version import __version__
+
+log = ThrottledLog(logging.getLogger("authapp.health"))
+# checks.database: "ok"; "error" (unreachable, or the breaker is open); "read_only" (it
+# answers but refuses writes); "schema_outdated" (run `flask db upgrade`).
+DATABASE_STATES = ("ok", "error", "read_only", "schema_outdated")
 
 blp = Blueprint("health", __name__, url_prefix="/health", description="Health checks")
 
@@ -19,7 +27,7 @@ blp = Blueprint("health", __name__, url_prefix="/health", description="Health ch
 @blp.alt_response(
     503,
     schema=HealthSchema,
-    description="unhealthy: the database cannot be reached",
+    description="unhealthy: the database cannot be reached, refuses writes, or has an older schema",
     example={
         "status": "unhealthy",
         "timestamp": "2024-01-15T10:30:45.123Z",
@@ -29,13 +37,10 @@ blp = Blueprint("health", __name__, url_prefix="/health", description="Health ch
 )
 @blp.alt_response(500, response="INTERNAL_SERVER_ERROR")
 def health():
-    """Readiness: 200 when the database answers, 503 when it does not."""
-    try:
-        with unit_of_work() as session:
-            session.execute(text("SELECT 1"))
-        database = "ok"
-    except AppError:
-        database = "error"
+    """Readiness: 200 when the database answers, takes writes and has the code's schema;
+    503 when not. While the breaker is open the database is not touched: the background
+    probe's view (authapp.probe) is the answer."""
+    database = _check_database()
     body = {
         "status": "healthy" if database == "ok" else "unhealthy",
         "timestamp": iso_now(),
@@ -51,3 +56,22 @@ def health():
 def live():
     """Liveness: the process answers; the database is not touched."""
     return {"status": "alive", "timestamp": iso_now()}
+
+
+def _check_database() -> str:
+    problem: str | None
+    try:
+        with unit_of_work() as session:
+            read_only, versions = schema_version.readiness(session.connection())
+    except SchemaOutdated:
+        problem = f"the database has no schema: {UPGRADE_HINT}"
+    except AppError:
+        return "error"
+    else:
+        if read_only:
+            return "read_only"
+        problem = schema_version.mismatch(versions)
+        if problem is None:
+            return "ok"
+    log.log(logging.ERROR, "schema_outdated", "readiness: %s", problem)
+    return "schema_outdated"

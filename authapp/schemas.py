@@ -205,7 +205,7 @@ class ErrorSchema(Schema):
 
 
 class HealthChecksSchema(Schema):
-    database = fields.String(metadata={"enum": ["ok", "error"]})
+    database = fields.String(metadata={"enum": ["ok", "error", "read_only", "schema_outdated"]})
     circuit_breaker = fields.String(metadata={"enum": ["closed", "open", "half_open"]})
 
 

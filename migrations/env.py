@@ -4,6 +4,12 @@ from logging.config import fileConfig
 from flask import current_app
 
 from alembic import context
+from alembic.util import CommandError
+from sqlalchemy import create_engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import NullPool
+
+from authapp.database import describe, sqlstate
 
 # this is the Alembic Config object, which provides
 # access to the values within the .ini file in use.
@@ -17,7 +23,22 @@ logger = logging.getLogger('alembic.env')
 
 
 def get_engine():
+    # MIGRATION_DATABASE_URL: a direct connection for migrations, when the app's own
+    # DATABASE_URL goes through a pooler that should not carry them.
+    url = current_app.config.get('MIGRATION_DATABASE_URL')
+    if url:
+        return create_engine(url, poolclass=NullPool, hide_parameters=True)
     return current_app.extensions['migrate'].db.engine
+
+
+def database_error(exc):
+    """One line with the driver's message instead of a traceback (flask db ... prints
+    a CommandError as "Error: ..." and exits 1)."""
+    code = sqlstate(exc)
+    return CommandError(
+        f"the database refused the migration: {describe(exc)}"
+        + (f" (SQLSTATE {code})" if code else "")
+    )
 
 
 def get_engine_url():
@@ -92,15 +113,18 @@ def run_migrations_online():
 
     connectable = get_engine()
 
-    with connectable.connect() as connection:
-        context.configure(
-            connection=connection,
-            target_metadata=get_metadata(),
-            **conf_args
-        )
+    try:
+        with connectable.connect() as connection:
+            context.configure(
+                connection=connection,
+                target_metadata=get_metadata(),
+                **conf_args
+            )
 
-        with context.begin_transaction():
-            context.run_migrations()
+            with context.begin_transaction():
+                context.run_migrations()
+    except DBAPIError as exc:
+        raise database_error(exc) from None
 
 
 if context.is_offline_mode():

@@ -441,3 +441,49 @@ def test_with_state_acts_before_any_transition_can_come_between():
     other.join(5)
     assert seen == [(State.CLOSED, True)]
     assert breaker.state is State.OPEN
+
+
+# -- half_open(): the probe ends the open period early ----------------------------------
+
+
+def test_half_open_ends_the_open_period_at_once_and_trials_decide(clock, transitions):
+    breaker = make(clock, transitions, timeout=60)
+    open_breaker(breaker)
+    assert breaker.half_open() is True
+    assert breaker.state is HALF_OPEN, "no need to wait for the 60 s timeout"
+    succeed(breaker)
+    assert breaker.state is CLOSED
+    assert transitions == [(CLOSED, OPEN), (OPEN, HALF_OPEN), (HALF_OPEN, CLOSED)]
+
+
+def test_half_open_then_a_success_report_closes_it_without_a_trial_slot(clock, transitions):
+    """What the probe does: it checked the database itself, so it reports the success."""
+    breaker = make(clock, transitions, timeout=60)
+    open_breaker(breaker)
+    breaker.half_open()
+    breaker.record_success()
+    assert breaker.state is CLOSED and breaker.stats()["consecutive_failures"] == 0
+
+
+def test_half_open_changes_nothing_unless_open(clock, transitions):
+    breaker = make(clock, transitions, timeout=10, half_open_max_calls=1)
+    assert breaker.half_open() is False and breaker.state is CLOSED
+    open_breaker(breaker)
+    clock.advance(10)
+    breaker.before_call()  # the one trial is out
+    assert breaker.half_open() is False
+    with pytest.raises(BreakerOpen):
+        breaker.before_call()  # half_open() did not hand out a second trial slot
+    assert transitions == [(CLOSED, OPEN), (OPEN, HALF_OPEN)]
+
+
+def test_trip_opens_at_once_whatever_the_count(clock, transitions):
+    breaker = make(clock, transitions, threshold=5, timeout=10)
+    breaker.trip()
+    assert breaker.state is OPEN and transitions == [(CLOSED, OPEN)]
+    breaker.trip()  # already open: the open period is not extended
+    clock.advance(10)
+    assert breaker.state is HALF_OPEN
+    breaker.trip()
+    assert breaker.state is OPEN
+    assert transitions == [(CLOSED, OPEN), (OPEN, HALF_OPEN), (HALF_OPEN, OPEN)]

@@ -95,3 +95,57 @@ def test_wsgi_exits_with_one_clear_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "authapp: configuration error: BCRYPT_ROUNDS must be an integer, got 'many'"
     ]
+
+
+# -- Resilience settings --------------------------------------------------------------------
+
+
+def test_resilience_defaults():
+    settings = load_settings({})
+    assert settings["CIRCUIT_BREAKER_PROBE_INTERVAL_MS"] == 1000
+    assert settings["DATABASE_IDLE_TIMEOUT"] == 60
+    assert settings["RATELIMIT_STORAGE_TIMEOUT_MS"] == 100
+    assert settings["MIGRATION_DATABASE_URL"] is None
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("CIRCUIT_BREAKER_PROBE_INTERVAL_MS", "49"),
+        ("CIRCUIT_BREAKER_PROBE_INTERVAL_MS", "1s"),
+        ("DATABASE_IDLE_TIMEOUT", "-1"),
+        ("DATABASE_IDLE_TIMEOUT", "1.5"),
+        ("RATELIMIT_STORAGE_TIMEOUT_MS", "0"),
+        ("RATELIMIT_STORAGE_TIMEOUT_MS", "fast"),
+        ("MIGRATION_DATABASE_URL", "mysql://x/y"),
+    ],
+)
+def test_bad_resilience_values_name_the_variable(name, value):
+    with pytest.raises(ConfigError, match=name):
+        load_settings({name: value})
+
+
+def test_migration_url_uses_psycopg2():
+    settings = load_settings({"MIGRATION_DATABASE_URL": "postgres://u@h/db"})
+    assert settings["MIGRATION_DATABASE_URL"] == "postgresql+psycopg2://u@h/db"
+
+
+@pytest.mark.parametrize(
+    "threads,cap,kept,overflow",
+    [(None, 20, 5, 15), (2, 20, 2, 18), (8, 4, 4, 0), (1, 1, 1, 0)],
+)
+def test_the_pool_keeps_as_many_connections_as_the_worker_has_threads(threads, cap, kept, overflow):
+    from config import engine_options
+
+    settings = load_settings({"DATABASE_URL": "postgresql://u@h/db", "DATABASE_MAX_POOL_SIZE": str(cap)})
+    options = engine_options(settings, threads)
+    assert (options["pool_size"], options["max_overflow"]) == (kept, overflow)
+    assert options["pool_use_lifo"] is True
+    assert "options" not in options["connect_args"], "PgBouncer refuses a startup options parameter"
+
+
+def test_redis_storage_gets_timeouts_and_memory_none():
+    redis = build_flask_config(load_settings({"RATELIMIT_STORAGE_URI": "redis://h:6379", "JWT_SECRET_KEY": SECRET}))
+    assert redis["RATELIMIT_STORAGE_OPTIONS"] == {"socket_timeout": 0.1, "socket_connect_timeout": 0.1}
+    memory = build_flask_config(load_settings({"JWT_SECRET_KEY": SECRET}))
+    assert memory["RATELIMIT_STORAGE_OPTIONS"] == {}

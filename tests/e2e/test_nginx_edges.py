@@ -9,7 +9,7 @@ import ssl
 import uuid
 
 import pytest
-from stack import PASSWORD
+from devtools.stack import PASSWORD
 
 
 class Raw:
