@@ -17,10 +17,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 START_MARK, END_MARK = "<!-- bench:start -->", "<!-- bench:end -->"
 
-# Pages written on other branches, linked from README.md already. Delete this set when they
-# are merged: from then on a link to a missing page fails like any other.
-OWNED_ELSEWHERE = {"docs/security.md", "docs/resilience.md", "docs/deployment.md", "docs/operations.md"}
-
 # [text](target), outside code spans and fenced blocks.
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 INTERNAL_WORDS = [
@@ -68,8 +64,7 @@ def test_every_relative_link_leads_to_a_file_and_heading_that_exist(page):
         file = (page.parent / path).resolve() if path else page
         relative = file.relative_to(ROOT).as_posix() if file.is_relative_to(ROOT) else str(file)
         if not file.exists():
-            if relative not in OWNED_ELSEWHERE:
-                broken.append(f"{target}: no such file")
+            broken.append(f"{target}: no such file")
             continue
         if fragment and file.suffix == ".md" and fragment not in anchors(file.read_text()):
             broken.append(f"{target}: no heading #{fragment} in {relative}")
@@ -80,8 +75,6 @@ def test_readme_links_every_docs_page():
     linked = {(ROOT / target.partition("#")[0]).resolve() for target in links(ROOT / "README.md")}
     unlinked = [page.name for page in PAGES[1:] if page.resolve() not in linked]
     assert not unlinked, f"docs pages missing from README.md's contents: {unlinked}"
-    for owned in OWNED_ELSEWHERE:
-        assert (ROOT / owned).resolve() in linked, owned
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(ROOT)))

@@ -9,6 +9,7 @@ import ssl
 import uuid
 
 import pytest
+
 from devtools.stack import PASSWORD
 
 
