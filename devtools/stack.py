@@ -270,7 +270,7 @@ class Stack:
         }
 
     def migrate(self) -> None:
-        """The release step of the README: `flask --app wsgi db upgrade`."""
+        """The release step of docs/deployment.md: `flask --app wsgi db upgrade`."""
         subprocess.run(
             [find_binary("flask"), "--app", "wsgi", "db", "upgrade"],
             cwd=ROOT,

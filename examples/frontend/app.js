@@ -3,7 +3,7 @@
 // Where the tokens live: in the two variables below and nowhere else. Not localStorage, not
 // sessionStorage, not a cookie, not the URL: any script that runs on this origin can read
 // storage, at any time and long after the fact, while a variable dies with the tab. The
-// price is that a reload logs the user out; see "Frontend example" in the README.
+// price is that a reload logs the user out; see docs/frontend.md.
 (function () {
   "use strict";
 
