@@ -11,8 +11,9 @@ from sqlalchemy.exc import IntegrityError
 from .. import audit, clock, settings
 from ..database import unit_of_work
 from ..errors import NotFound, UserAlreadyExists
+from ..mail import outbox
 from ..models import AuthSession, User
-from . import passwords, sessions
+from . import mailings, passwords, sessions
 from .context import Client
 
 
@@ -48,11 +49,19 @@ def list_users(*, include_inactive: bool = True) -> list[User]:
 
 
 def create(
-    email: str, username: str, password: str, client: Client | None = None
+    email: str,
+    username: str,
+    password: str,
+    client: Client | None = None,
+    *,
+    start_session: bool = True,
+    send_verification: bool = False,
 ) -> tuple[User, sessions.Issued | None]:
-    """Create a user, and start its first session when `client` is given (a registration);
-    an operator's account starts none. USER_ALREADY_EXISTS when the email or username is
-    taken, also when another registration commits first."""
+    """Create a user, and start its first session when `client` is given (a registration)
+    unless `start_session` is false; an operator's account starts none. With
+    `send_verification`, queue the verification link in the same transaction.
+    USER_ALREADY_EXISTS when the email or username is taken, also when another
+    registration commits first."""
     with unit_of_work() as db:
         taken = db.scalar(
             select(User.id).where(
@@ -65,26 +74,37 @@ def create(
     hashed = passwords.hash_password(password, settings.current().bcrypt_rounds)
     now = clock.now()
     user = User(email=email, username=username, hashed_password=hashed, created_at=now, updated_at=now)
-    issued = None
+    issued = message = None
     try:
         with unit_of_work() as db:
             db.add(user)
             db.flush()
-            if client is not None:
+            if client is not None and start_session:
                 issued = sessions.start(db, user.id, now, client)
+            if send_verification:
+                message = mailings.verify_email(db, user, now)
     except IntegrityError:
         # Another registration of the same email or username committed first.
         raise UserAlreadyExists() from None
-    if issued is not None:
-        audit.record(audit.REGISTER, user_id=user.id, sid=issued.session.id)
+    if client is not None:
+        audit.record(audit.REGISTER, user_id=user.id, sid=issued.session.id if issued else None)
     else:
         audit.record(audit.USER_CREATED, user_id=user.id, by="operator")
+    if message is not None:
+        outbox.record(message)
     return user, issued
 
 
 def register(email: str, username: str, password: str, client: Client) -> dict[str, Any]:
-    """Create an account and start its first session."""
-    user, issued = create(email, username, password, client)
+    """Create an account and start its first session; with EMAIL_VERIFICATION=required,
+    no session until the address is verified (the link is on its way)."""
+    mode = settings.current().email_verification
+    required = mode == "required"
+    user, issued = create(
+        email, username, password, client, start_session=not required, send_verification=mode != "off"
+    )
+    if required:
+        return {"user": user, "email_verification_required": True}
     return cast(sessions.Issued, issued).pair(user)
 
 
@@ -115,8 +135,10 @@ def replace_password(user: Any, password: str, client: Client | None = None) -> 
         revoked = sessions.revoke(db, sessions.PASSWORD_CHANGED, now, AuthSession.user_id == user.id)
         if client is not None:
             issued = sessions.start(db, user.id, now, client)
+        notice = mailings.password_changed(db, user, now)
     if issued is not None:
         audit.record(audit.PASSWORD_CHANGED, user_id=user.id, sid=issued.session.id, sessions_revoked=revoked)
     else:
         audit.record(audit.PASSWORD_CHANGED, user_id=user.id, sessions_revoked=revoked, by="operator")
+    outbox.record(notice)
     return revoked, issued

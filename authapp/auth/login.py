@@ -9,7 +9,7 @@ from sqlalchemy import select, update
 
 from .. import audit, clock, ratelimit, settings
 from ..database import unit_of_work
-from ..errors import AppError, InvalidCredentials, ValidationFailed
+from ..errors import AppError, EmailNotVerified, InvalidCredentials, ValidationFailed
 from ..models import User
 from . import accounts, passwords, sessions
 from .accounts import user_query
@@ -47,6 +47,9 @@ def login(password: str, client: Client, email: str | None = None, username: str
         audit.record(audit.LOGIN_FAILURE, user_id=user.id if user else None, reason=reason)
         raise InvalidCredentials()
     ratelimit.clear_failures(account)
+    if settings.current().email_verification == "required" and user.email_verified_at is None:
+        audit.record(audit.LOGIN_FAILURE, user_id=user.id, reason="email_not_verified")
+        raise EmailNotVerified()
 
     now = clock.now()
     values: dict[str, Any] = {"last_login": now}
