@@ -52,9 +52,11 @@ def verify(token: str) -> User:
     """Use an email link: verify the address it was sent to, or (a change-of-address
     link) make it the account's address, verified."""
     now = clock.now()
+    user_id = None  # read before a rollback expires the rows
     try:
         with unit_of_work() as db:
             link = links.find(db, token, now, links.VERIFY_EMAIL, links.CHANGE_EMAIL)
+            user_id = link.user_id
             user = db.get(User, link.user_id)
             if user is None or not user.is_active:
                 raise links.invalid((link.kind,), "inactive_user")
@@ -81,10 +83,10 @@ def verify(token: str) -> User:
                 event = {"changed": True, "old_email_key": outbox.recipient_key(old)[:12]}
     except IntegrityError:
         # An account registered with the address between the check and the update.
-        audit.record(audit.EMAIL_CHANGE_FAILED, user_id=link.user_id, reason="address_taken")
+        audit.record(audit.EMAIL_CHANGE_FAILED, user_id=user_id, reason="address_taken")
         raise UserAlreadyExists("Another account uses this address now") from None
     except UserAlreadyExists:
-        audit.record(audit.EMAIL_CHANGE_FAILED, user_id=link.user_id, reason="address_taken")
+        audit.record(audit.EMAIL_CHANGE_FAILED, user_id=user_id, reason="address_taken")
         raise
     audit.record(audit.EMAIL_CHANGED if event else audit.EMAIL_VERIFIED, user_id=user.id)
     return user
