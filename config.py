@@ -275,6 +275,8 @@ def mail_config(settings: Mapping[str, Any]) -> dict[str, Any]:
     """The email settings with their development defaults, and the link URLs derived from
     FRONTEND_URL; staging and production must set the three that have no safe default."""
     env = settings["ENVIRONMENT"]
+    if settings.get("MAIL_URL") == "console:" and env not in ("development", "testing"):
+        raise ConfigError(f"MAIL_URL=console: is for development and testing only, not ENVIRONMENT={env}")
     resolved = {}
     for name, default in DEVELOPMENT_MAIL.items():
         value = settings.get(name)
@@ -283,8 +285,6 @@ def mail_config(settings: Mapping[str, Any]) -> dict[str, Any]:
                 raise ConfigError(f"{name} is required when ENVIRONMENT={env}")
             value = default
         resolved[name] = value
-    if resolved["MAIL_URL"] == "console:" and env not in ("development", "testing"):
-        raise ConfigError(f"MAIL_URL=console: is for development and testing only, not ENVIRONMENT={env}")
     frontend = resolved["FRONTEND_URL"].rstrip("/")
     resolved["FRONTEND_URL"] = frontend
     resolved["PASSWORD_RESET_URL"] = settings.get("PASSWORD_RESET_URL") or f"{frontend}/reset-password"

@@ -99,7 +99,7 @@ class Mailbox:
         ok = (
             self.credentials is not None and (auth_data.login.decode(), auth_data.password.decode()) == self.credentials
         )
-        return AuthResult(success=ok)
+        return AuthResult(success=ok, handled=False)
 
     def start(self) -> Mailbox:
         kwargs: dict[str, Any] = {}

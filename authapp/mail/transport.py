@@ -21,6 +21,7 @@ import ssl
 import sys
 from dataclasses import dataclass
 from datetime import datetime
+from email.errors import HeaderParseError
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid, parseaddr
@@ -63,7 +64,10 @@ def build(
     message = EmailMessage()
     message["From"] = _no_line_breaks("MAIL_FROM", sender)
     # Address() refuses anything that is not one addr-spec: no second recipient, no CR/LF.
-    message["To"] = Address(addr_spec=_no_line_breaks("recipient", recipient))
+    try:
+        message["To"] = Address(addr_spec=_no_line_breaks("recipient", recipient))
+    except (HeaderParseError, IndexError) as error:
+        raise ValueError(f"not one email address: {error}") from None
     message["Subject"] = _no_line_breaks("subject", subject)
     message["Date"] = format_datetime(date)
     message["Message-ID"] = _no_line_breaks("Message-ID", message_id)
