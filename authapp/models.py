@@ -106,13 +106,15 @@ class RefreshToken(Model):
 
 class OneTimeToken(Model):
     """A link's token (password reset, email verification, change of address): only its
-    SHA-256 is kept; `address` is the address the link was sent to and proves."""
+    SHA-256 is kept; `address` is the address the link was sent to and proves. A row
+    without a user is a decoy, written by a reset request for an address with no account
+    so that such a request does the same work; no link carries its token."""
 
     __tablename__ = "one_time_tokens"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     kind: Mapped[str] = mapped_column(String(20), nullable=False)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=True)
     token_hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
     address: Mapped[str] = mapped_column(String(100), nullable=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)

@@ -31,14 +31,12 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def issue(db: Session, kind: str, user_id: int, address: str, now: datetime, lifetime: timedelta) -> str:
+def issue(db: Session, kind: str, user_id: int | None, address: str, now: datetime, lifetime: timedelta) -> str:
     """Add a new token of `kind` for the user to the unit of work, voiding the older ones;
-    returns the token (to go into a link, and nowhere else)."""
-    db.execute(
-        delete(OneTimeToken).where(
-            OneTimeToken.user_id == user_id, OneTimeToken.kind == kind, OneTimeToken.used_at.is_(None)
-        )
-    )
+    returns the token (to go into a link, and nowhere else). `user_id=None` writes a
+    decoy (replacing the older decoys of its kind), which no request can use."""
+    owner = OneTimeToken.user_id.is_(None) if user_id is None else OneTimeToken.user_id == user_id
+    db.execute(delete(OneTimeToken).where(owner, OneTimeToken.kind == kind, OneTimeToken.used_at.is_(None)))
     token = secrets.token_urlsafe(TOKEN_BYTES)
     db.add(
         OneTimeToken(
@@ -72,7 +70,7 @@ def find(db: Session, token: str, now: datetime, *kinds: str) -> OneTimeToken:
     if not token or len(token) > MAX_LENGTH:
         raise invalid(kinds, "malformed")
     row = db.scalar(select(OneTimeToken).where(OneTimeToken.token_hash == token_hash(token)))
-    if row is None or row.kind not in kinds:
+    if row is None or row.kind not in kinds or row.user_id is None:
         raise invalid(kinds, "unknown")
     if row.used_at is not None:
         raise invalid(kinds, "used")

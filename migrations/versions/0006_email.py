@@ -23,7 +23,7 @@ def upgrade():
         "one_time_tokens",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("kind", sa.String(length=20), nullable=False),
-        sa.Column("user_id", sa.Integer(), nullable=False),
+        sa.Column("user_id", sa.Integer(), nullable=True),
         sa.Column("token_hash", sa.String(length=64), nullable=False),
         sa.Column("address", sa.String(length=100), nullable=False),
         sa.Column("created_at", UTCDateTime(), nullable=False),
