@@ -80,6 +80,10 @@ class Courier:
         except ValueError as error:  # a message that cannot be written (never sent)
             self._failed(message, f"unsendable: {error}", permanent=True)
             return
+        except Exception as error:  # a bug: logged, and the message retried like any failure
+            log.exception("mail courier: sending failed", extra={"event": "mail_courier_error"})
+            self._failed(message, f"{type(error).__name__}: {error}", permanent=False)
+            return
         with unit_of_work() as db:
             outbox.mark_sent(db, message, clock.now())
         age = (clock.now() - message.created_at).total_seconds()
