@@ -5,6 +5,7 @@ change of address, and every rule of the one-time tokens. On SQLite and PostgreS
 from __future__ import annotations
 
 import re
+import time
 from datetime import timedelta
 
 import pytest
@@ -552,6 +553,50 @@ def test_two_couriers_on_postgresql_never_send_one_message_twice(mailbox, pg_dat
     assert len(rows) == 60 and all(r.status == "sent" for r in rows)
     assert len(ids) == len(set(ids)) == 60 and sum(handled) == 60
     assert sorted(ids) == sorted(r.message_id for r in rows)
+    for each in (app, *couriers):
+        with each.app_context():
+            db.engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_two_couriers_on_sqlite_never_send_one_message_twice(mailbox, database_url):
+    import threading
+
+    from helpers import wait_until
+
+    settings = base_settings(
+        DATABASE_URL=database_url, MAIL_URL=mailbox.url, FRONTEND_URL=FRONTEND, MAIL_RATE_LIMIT="1000/hour"
+    )
+    app = create_app(settings)
+    client = app.test_client()
+    register(client)
+    for _ in range(39):
+        request_reset(client)
+    couriers = [create_app(settings) for _ in range(2)]
+    workers, threads = [], []
+    for each in couriers:
+        with each.app_context():
+            workers.append(courier.Courier(poll_interval=0.01))
+
+    def run(each, worker):
+        with each.app_context():
+            worker.run()  # waits out "database is locked" like any database error
+
+    for each, worker in zip(couriers, workers, strict=True):
+        threads.append(threading.Thread(target=run, args=(each, worker), daemon=True))
+    for thread in threads:
+        thread.start()
+    try:
+        wait_until(lambda: len(mailbox.messages()) >= 40, 60, "40 messages")
+        time.sleep(0.5)  # a duplicate would arrive now
+    finally:
+        for worker in workers:
+            worker.stop()
+        for thread in threads:
+            thread.join(timeout=30)
+    ids = [m.message["Message-ID"] for m in mailbox.messages()]
+    assert len(ids) == len(set(ids)) == 40
+    assert all(r.status == "sent" for r in outbox_rows(app))
     for each in (app, *couriers):
         with each.app_context():
             db.engine.dispose()
