@@ -8,7 +8,7 @@ import pytest
 
 EXPECTED = {
     ("/auth/register", "post"): {"201", "400", "409", "413", "415"},
-    ("/auth/login", "post"): {"200", "400", "401", "415"},
+    ("/auth/login", "post"): {"200", "400", "401", "403", "415"},
     ("/auth/refresh", "post"): {"200", "400", "401"},
     ("/auth/me", "get"): {"200", "401"},
     ("/auth/logout", "post"): {"204", "400", "401", "415"},

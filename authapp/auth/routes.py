@@ -91,9 +91,9 @@ def register(data):
 @limiter.limit(ratelimit.login_limit)
 @json_body(LoginSchema)
 @blp.response(200, TokenResponseSchema)
-@errors(401, 429)
+@errors(401, 403, 429)
 def login(data):
-    """Log in by email or by username; starts a session."""
+    """Log in by email or by username; starts a session (403 EMAIL_NOT_VERIFIED with EMAIL_VERIFICATION=required)."""
     return login_flow.login(**data, client=client())
 
 
