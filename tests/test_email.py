@@ -600,3 +600,38 @@ def test_two_couriers_on_sqlite_never_send_one_message_twice(mailbox, database_u
     for each in (app, *couriers):
         with each.app_context():
             db.engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_per_address_limits_on_the_new_endpoints(mailbox, database_url):
+    app = create_app(
+        base_settings(
+            DATABASE_URL=database_url,
+            MAIL_URL=mailbox.url,
+            RATELIMIT_ENABLED="true",
+            MAIL_REQUEST_RATE_LIMIT="2/minute",
+            LOGIN_RATE_LIMIT="3/minute",
+            REGISTER_RATE_LIMIT="100/minute",
+        )
+    )
+    client = app.test_client()
+    tokens = register(client)
+    for _ in range(2):
+        request_reset(client)
+    reset_request = {"email": "alice@example.com"}
+    assert_error(client.post("/auth/password-reset/request", json=reset_request), 429, "RATE_LIMITED")
+    auth = bearer(tokens["access_token"])
+    for _ in range(2):
+        assert client.post("/auth/verify-email/request", headers=auth).status_code == 202
+    assert_error(client.post("/auth/verify-email/request", headers=auth), 429, "RATE_LIMITED")
+    wrong = {"new_email": "b@example.com", "current_password": "wrong-pass-123"}
+    for path, body in [
+        ("/auth/verify-email", {"token": "x" * 43}),
+        ("/auth/password-reset", {"token": "x" * 43, "new_password": NEW_PASSWORD}),
+        ("/auth/change-email", wrong),
+    ]:
+        for _ in range(3):
+            assert client.post(path, json=body, headers=auth).status_code in (400, 401)
+        assert_error(client.post(path, json=body, headers=auth), 429, "RATE_LIMITED")
+    with app.app_context():
+        db.engine.dispose()
