@@ -31,9 +31,12 @@ $(BIN)/.deploy: requirements-deploy.txt $(BIN)/.dev
 install: $(BIN)/.runtime
 install-dev: $(BIN)/.dev
 
-## run: install, build the SQLite schema with the migrations, serve on $(HOST):$(PORT)
+## run: install, build the SQLite schema with the migrations, serve on $(HOST):$(PORT), with
+## the mail courier beside it (MAIL_URL=console: by default: each message printed here)
 run: install
 	$(BIN)/flask --app wsgi db upgrade
+	$(BIN)/flask --app wsgi mail courier & courier=$$!; \
+	trap 'kill $$courier 2>/dev/null; wait $$courier' EXIT INT TERM; \
 	$(BIN)/flask --app wsgi run --host $(HOST) --port $(PORT)
 
 ## test: install, run the whole suite (PostgreSQL too when TEST_DATABASE_URL is set)

@@ -12,7 +12,9 @@ import re
 import secrets
 from collections.abc import Callable, Mapping
 from datetime import timedelta
+from email.utils import parseaddr
 from typing import Any
+from urllib.parse import urlsplit
 
 ENVIRONMENTS = ("development", "staging", "production", "testing")
 JWT_ALGORITHMS = ("HS256", "HS384", "HS512")
@@ -106,6 +108,46 @@ def _writable_directory(name: str, raw: str) -> str:
     return path
 
 
+EMAIL_VERIFICATION_MODES = ("off", "optional", "required")
+MAIL_SCHEMES = ("smtp", "smtp+starttls", "smtps")  # authapp/mail/transport.py
+
+
+def _mail_url(name: str, raw: str) -> str:
+    url = raw.strip()
+    if url == "console:":
+        return url
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"{name} must be console: or smtp://, smtp+starttls://, smtps://host[:port]") from None
+    if parts.scheme not in MAIL_SCHEMES or not parts.hostname or (parts.path not in ("", "/")) or port == 0:
+        raise ConfigError(f"{name} must be console: or smtp://, smtp+starttls://, smtps:// with a host, got a bad URL")
+    return url
+
+
+def _address(name: str, raw: str) -> str:
+    value = raw.strip()
+    _display, address = parseaddr(value)
+    if "\r" in value or "\n" in value or not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+", address or ""):
+        raise ConfigError(f"{name} must be an email address such as 'authapp <no-reply@example.com>', got {raw!r}")
+    return value
+
+
+def _http_url(name: str, raw: str) -> str:
+    url = raw.strip()
+    if not re.match(r"^https?://[^/\s#?]+(/[^\s#]*)?$", url):
+        raise ConfigError(f"{name} must be an http(s) URL without a fragment, got {raw!r}")
+    return url
+
+
+def _directory(name: str, raw: str) -> str:
+    path = raw.strip()
+    if not os.path.isdir(path):
+        raise ConfigError(f"{name} must be an existing directory, got {raw!r}")
+    return path
+
+
 SPEEDUP_NAMES = ("sync_callables", "lean_log_records", "pyjwt_segments")  # authapp/speedups.py
 
 
@@ -167,6 +209,28 @@ SETTINGS: dict[str, tuple[Callable[[str, str], Any], str | None]] = {
     # value stops start-up with one line (observability/metrics.py).
     "PROMETHEUS_MULTIPROC_DIR": (_writable_directory, None),
     "SPEEDUPS": (_speedups, "all"),
+    # Email (authapp/mail, docs/email.md). MAIL_URL, MAIL_FROM and FRONTEND_URL have
+    # defaults only in development and testing (build_flask_config).
+    "MAIL_URL": (_mail_url, None),
+    "MAIL_FROM": (_address, None),
+    "FRONTEND_URL": (_http_url, None),
+    "PASSWORD_RESET_URL": (_http_url, None),
+    "EMAIL_VERIFY_URL": (_http_url, None),
+    "EMAIL_VERIFICATION": (_choice(EMAIL_VERIFICATION_MODES), "optional"),
+    "PASSWORD_RESET_TOKEN_MINUTES": (_int(1, 24 * 60), "60"),
+    "EMAIL_TOKEN_HOURS": (_int(1, 30 * 24), "24"),
+    "MAIL_RATE_LIMIT": (_rate_limit, "3/hour"),
+    "MAIL_REQUEST_RATE_LIMIT": (_rate_limit, "10/minute"),
+    "MAIL_TEMPLATES_DIR": (_directory, None),
+    "MAIL_TIMEOUT": (_int(1, 300), "10"),
+    "MAIL_GIVE_UP_HOURS": (_int(1, 30 * 24), "24"),
+}
+
+# What development and testing use when the email settings are not set.
+DEVELOPMENT_MAIL = {
+    "MAIL_URL": "console:",
+    "MAIL_FROM": "authapp <no-reply@localhost.localdomain>",
+    "FRONTEND_URL": "http://127.0.0.1:8000",
 }
 
 
@@ -252,6 +316,27 @@ def load_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     return settings
 
 
+def mail_config(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The email settings with their development defaults, and the link URLs derived from
+    FRONTEND_URL; staging and production must set the three that have no safe default."""
+    env = settings["ENVIRONMENT"]
+    if settings.get("MAIL_URL") == "console:" and env not in ("development", "testing"):
+        raise ConfigError(f"MAIL_URL=console: is for development and testing only, not ENVIRONMENT={env}")
+    resolved = {}
+    for name, default in DEVELOPMENT_MAIL.items():
+        value = settings.get(name)
+        if value is None:
+            if env not in ("development", "testing"):
+                raise ConfigError(f"{name} is required when ENVIRONMENT={env}")
+            value = default
+        resolved[name] = value
+    frontend = resolved["FRONTEND_URL"].rstrip("/")
+    resolved["FRONTEND_URL"] = frontend
+    resolved["PASSWORD_RESET_URL"] = settings.get("PASSWORD_RESET_URL") or f"{frontend}/reset-password"
+    resolved["EMAIL_VERIFY_URL"] = settings.get("EMAIL_VERIFY_URL") or f"{frontend}/verify-email"
+    return resolved
+
+
 def build_flask_config(settings: Mapping[str, Any]) -> dict[str, Any]:
     """Turn parsed settings into the Flask and extension configuration keys."""
     env = settings["ENVIRONMENT"]
@@ -267,6 +352,7 @@ def build_flask_config(settings: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"JWT_SECRET_KEY must be at least {minimum} bytes long for {algorithm}")
     return {
         **settings,
+        **mail_config(settings),
         "TESTING": env == "testing",
         # No SECRET_KEY: the API keeps no cookie session, and without a key Flask does not
         # open one on every request.

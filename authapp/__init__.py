@@ -11,7 +11,7 @@ from flask import Flask
 
 from config import build_flask_config, load_settings
 
-from . import cli, database, errors, health, openapi, ratelimit, security, settings, speedups, startup
+from . import cli, database, errors, health, mail, openapi, ratelimit, security, settings, speedups, startup
 from .auth import routes, tokens
 from .extensions import cors, db, jwt, migrate
 from .observability import logs, metrics, requests
@@ -57,6 +57,7 @@ def register_extensions(app: Flask) -> None:
     jwt.init_app(app)
     tokens.init_app(jwt)
     ratelimit.init_app(app)
+    mail.init_app(app)
     if app.config["CORS_ORIGINS"]:
         cors.init_app(
             app,

@@ -17,16 +17,19 @@ from flask.cli import AppGroup
 from marshmallow import ValidationError
 from sqlalchemy.exc import DBAPIError
 
-from . import ratelimit
-from .auth import accounts
+from . import clock, ratelimit
+from .auth import accounts, links
 from .auth import sessions as auth_sessions
 from .clock import iso
-from .database import describe
+from .database import describe, unit_of_work
 from .errors import AppError
+from .mail import cli as mail_cli
+from .mail import outbox
 from .schemas import RegisterSchema
 
 users = AppGroup("users", help="Create, list, activate, deactivate and delete users; set a password.")
 sessions = AppGroup("sessions", help="Revoke and prune sessions.")
+tokens = AppGroup("tokens", help="Prune one-time link tokens (password reset, email).")
 
 
 def _clean_errors(command: Callable) -> Callable:
@@ -205,9 +208,28 @@ def prune(revoked_days: int | None) -> None:
         f"pruned {deleted_sessions} session(s), {deleted_tokens} refresh token(s)"
         f" and {deleted_attempts} login attempt(s)"
     )
+    _prune_links_and_outbox()
+
+
+def _prune_links_and_outbox() -> None:
+    with unit_of_work() as db:
+        now = clock.now()
+        deleted_links = links.prune(db, now)
+        deleted_messages = outbox.prune(db, now)
+    click.echo(f"pruned {deleted_links} one-time token(s) and {deleted_messages} finished outbox message(s)")
+
+
+@tokens.command("prune")
+@_clean_errors
+def prune_tokens() -> None:
+    """Delete spent and expired one-time link tokens and finished outbox messages
+    (`flask sessions prune` does this too)."""
+    _prune_links_and_outbox()
 
 
 def init_app(app: Flask) -> None:
     """Register the operator commands with the app's CLI."""
     app.cli.add_command(users)
     app.cli.add_command(sessions)
+    app.cli.add_command(tokens)
+    app.cli.add_command(mail_cli.mail)

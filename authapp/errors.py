@@ -66,6 +66,14 @@ class NotFound(AppError):
     status, code, detail = 404, "NOT_FOUND", "Resource not found"
 
 
+class InvalidLink(AppError):
+    status, code, detail = 400, "INVALID_LINK", "This link is invalid, has expired or was already used"
+
+
+class EmailNotVerified(AppError):
+    status, code, detail = 403, "EMAIL_NOT_VERIFIED", "The email address is not verified yet; use the link sent to it"
+
+
 class UserAlreadyExists(AppError):
     status, code, detail = 409, "USER_ALREADY_EXISTS", "A user with this email or username already exists"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Boolean, DateTime, ForeignKey, Index, Integer, String, func, true, types
+from sqlalchemy import Boolean, DateTime, ForeignKey, Index, Integer, String, Text, func, true, types
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from . import clock
@@ -50,6 +50,12 @@ class User(Model):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=clock.now)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=clock.now, onupdate=clock.now)
     last_login: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # When the current address was shown to be the user's (a link used); None: not yet.
+    email_verified_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    @property
+    def email_verified(self) -> bool:
+        return self.email_verified_at is not None
 
     __table_args__ = (
         # Uniqueness enforced by the database itself: usernames (ASCII) and addresses
@@ -121,3 +127,59 @@ class LoginAttempt(Model):
     attempted_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 
     __table_args__ = (Index("ix_login_attempts_key_attempted_at", key, attempted_at),)
+
+
+class OneTimeToken(Model):
+    """A link's token (password reset, email verification, change of address): only its
+    SHA-256 is kept; `address` is the address the link was sent to and proves. A row
+    without a user is a decoy, written by a reset request for an address with no account
+    so that such a request does the same work; no link carries its token."""
+
+    __tablename__ = "one_time_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20), nullable=False)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=True)
+    token_hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    address: Mapped[str] = mapped_column(String(100), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    __table_args__ = (Index("ix_one_time_tokens_user_kind", "user_id", "kind"),)
+
+
+class OutboxMessage(Model):
+    """A message to deliver, written in the transaction of the change that causes it.
+
+    `recipient_key` (a hash of the address) counts messages per recipient for
+    MAIL_RATE_LIMIT; the address and the bodies are erased once the message is delivered
+    or given up. A `suppressed` row was never to be sent (no account, or over the limit):
+    it is there so that every request does the same work.
+    """
+
+    __tablename__ = "mail_outbox"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32), nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)  # queued sending sent given_up suppressed
+    recipient_key: Mapped[str] = mapped_column(String(64), nullable=False)
+    recipient: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), nullable=True)
+    subject: Mapped[str | None] = mapped_column(Text, nullable=True)
+    body_text: Mapped[str | None] = mapped_column(Text, nullable=True)
+    body_html: Mapped[str | None] = mapped_column(Text, nullable=True)
+    message_id: Mapped[str] = mapped_column(String(255), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    give_up_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    claimed_by: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(String(255), nullable=True)
+
+    __table_args__ = (
+        Index("ix_mail_outbox_due", "status", "next_attempt_at"),
+        Index("ix_mail_outbox_recipient", "recipient_key", "kind", "created_at"),
+    )

@@ -45,6 +45,11 @@ def refresh_limit() -> str:
     return current_app.config["REFRESH_RATE_LIMIT"]
 
 
+def mail_request_limit() -> str:
+    """The requests that send a message (password reset, verification link)."""
+    return current_app.config["MAIL_REQUEST_RATE_LIMIT"]
+
+
 def _retry_after(reset_at: float, window: int) -> str:
     """Whole seconds until the window lets a request through again (1 to `window`)."""
     return str(min(window, max(1, math.ceil(reset_at - time.time()))))

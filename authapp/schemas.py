@@ -166,6 +166,12 @@ class UserSchema(Schema):
     is_active = fields.Boolean()
     created_at = Timestamp()
     last_login = Timestamp(allow_none=True)
+    email_verified = fields.Function(
+        lambda user: user.email_verified_at is not None,
+        metadata={"type": "boolean", "description": "The address was shown to be the user's (a link was used)"},
+    )
+    # No second factor exists yet: always false until one does.
+    mfa_enabled = fields.Function(lambda user: bool(getattr(user, "mfa_enabled", False)), metadata={"type": "boolean"})
 
 
 class TokenResponseSchema(Schema):
@@ -174,6 +180,40 @@ class TokenResponseSchema(Schema):
     token_type = fields.String(required=True, metadata={"example": "bearer"})
     expires_in = fields.Integer(required=True, metadata={"description": "Access token lifetime in seconds"})
     user = fields.Nested(UserSchema, required=True)
+
+
+class RegisterResponseSchema(Schema):
+    """A TokenResponse; with EMAIL_VERIFICATION=required, only `user` and
+    `email_verification_required: true` (no session until the address is verified)."""
+
+    access_token = fields.String()
+    refresh_token = fields.String()
+    token_type = fields.String(metadata={"example": "bearer"})
+    expires_in = fields.Integer(metadata={"description": "Access token lifetime in seconds"})
+    user = fields.Nested(UserSchema, required=True)
+    email_verification_required = fields.Boolean()
+
+
+class PasswordResetRequestSchema(Schema):
+    email = Email(required=True, metadata={"example": "user@example.com"})
+
+
+class PasswordResetSchema(Schema):
+    token = Text(required=True, metadata={"description": "The token of the link's fragment (#token=...)"})
+    new_password = Password(required=True)
+
+
+class VerifyEmailSchema(Schema):
+    token = Text(required=True, metadata={"description": "The token of the link's fragment (#token=...)"})
+
+
+class ChangeEmailSchema(Schema):
+    new_email = Email(required=True, metadata={"example": "new@example.com"})
+    current_password = Password(required=True)
+
+
+class AcceptedSchema(Schema):
+    status = fields.String(metadata={"enum": ["accepted"]})
 
 
 class SessionSchema(Schema):

@@ -32,6 +32,19 @@ class Settings:
     ratelimit_key_prefix: str
     # Derives each refresh token's successor and its access token's `jti` (auth.tokens).
     token_derivation_key: bytes
+    # Email (authapp/mail, docs/email.md)
+    mail_url: str
+    mail_from: str
+    frontend_url: str
+    password_reset_url: str
+    email_verify_url: str
+    email_verification: str  # off | optional | required
+    password_reset_token_lifetime: timedelta
+    email_token_lifetime: timedelta
+    mail_rate_limit: str
+    mail_templates_dir: str | None
+    mail_timeout: int  # seconds, each step of an SMTP conversation
+    mail_give_up_after: timedelta
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Settings:
@@ -47,10 +60,22 @@ class Settings:
             login_failure_window=config["LOGIN_FAILURE_WINDOW"],
             ratelimit_key_prefix=config.get("RATELIMIT_KEY_PREFIX") or "",
             token_derivation_key=config["JWT_SECRET_KEY"].encode(),
+            mail_url=config["MAIL_URL"],
+            mail_from=config["MAIL_FROM"],
+            frontend_url=config["FRONTEND_URL"],
+            password_reset_url=config["PASSWORD_RESET_URL"],
+            email_verify_url=config["EMAIL_VERIFY_URL"],
+            email_verification=config["EMAIL_VERIFICATION"],
+            password_reset_token_lifetime=timedelta(minutes=config["PASSWORD_RESET_TOKEN_MINUTES"]),
+            email_token_lifetime=timedelta(hours=config["EMAIL_TOKEN_HOURS"]),
+            mail_rate_limit=config["MAIL_RATE_LIMIT"],
+            mail_templates_dir=config["MAIL_TEMPLATES_DIR"],
+            mail_timeout=config["MAIL_TIMEOUT"],
+            mail_give_up_after=timedelta(hours=config["MAIL_GIVE_UP_HOURS"]),
         )
 
     def __repr__(self) -> str:  # never shows the derivation key
-        return f"<Settings bcrypt_rounds={self.bcrypt_rounds}>"
+        return f"<Settings bcrypt_rounds={self.bcrypt_rounds}>"  # nor MAIL_URL's password
 
 
 def current() -> Settings:

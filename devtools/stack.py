@@ -1,5 +1,7 @@
 """The production stack on loopback: uWSGI instances started from uwsgi.ini and nginx
-from nginx.conf, with only their ports and paths replaced. Used by tests/e2e and bench/.
+from nginx.conf, with only their ports and paths replaced, and the mail courier of
+deploy/authapp-courier.service delivering to an SMTP server of the stack's own (aiosmtpd,
+`Stack.mailbox`). Used by tests/e2e and bench/.
 
 Every process runs in a process group of its own and is stopped (then killed, if it
 must be) by `Stack.stop()`, which checks that none is left. Traffic goes to 127.0.0.1 only.
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .mailbox import Mailbox
 from .postgres import admin_connection
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,6 +215,8 @@ class Stack:
     ini: Path = UWSGI_INI
     started: list[Instance] = field(default_factory=list)
     nginx: subprocess.Popen | None = None
+    courier: subprocess.Popen | None = None
+    mailbox: Mailbox = field(default_factory=Mailbox)
 
     def __post_init__(self) -> None:
         self.run_dir = self.workdir / "run"
@@ -266,6 +271,10 @@ class Stack:
             "JWT_SECRET_KEY": "e2e-" + "k" * 60,
             "RATELIMIT_ENABLED": "false",
             "LOG_LEVEL": "INFO",
+            # Production requires real mail settings: the stack's own SMTP server.
+            "MAIL_URL": self.mailbox.url,
+            "MAIL_FROM": "authapp <no-reply@example.com>",
+            "FRONTEND_URL": "https://app.example.com",
             **self.env,
         }
 
@@ -339,6 +348,31 @@ class Stack:
             time.sleep(drain)
         _stop_group(instance.process, signal.SIGTERM, timeout)
         return instance.process.returncode
+
+    # -- the mail courier -------------------------------------------------------------------
+
+    @property
+    def courier_log(self) -> Path:
+        return self.log_dir / "courier.log"
+
+    def start_courier(self) -> None:
+        """deploy/authapp-courier.service's command, delivering to `mailbox`."""
+        with self.courier_log.open("ab") as log:
+            self.courier = subprocess.Popen(
+                [find_binary("flask"), "--app", "wsgi", "mail", "courier", "--poll", "0.2"],
+                cwd=ROOT,
+                env=self.app_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def stop_courier(self, timeout: float = 30) -> int:
+        """`systemctl stop authapp-courier`: SIGTERM; returns its exit status."""
+        assert self.courier is not None
+        _stop_group(self.courier, signal.SIGTERM, timeout)
+        return self.courier.returncode
 
     # -- nginx ------------------------------------------------------------------------------
 
@@ -417,7 +451,9 @@ class Stack:
 
     def start(self) -> Stack:
         try:
+            self.mailbox.start()
             self.migrate()
+            self.start_courier()
             for number in self.instance:
                 self.start_instance(number)
             self.start_nginx()
@@ -441,6 +477,12 @@ class Stack:
                     _stop_group(instance.process, signal.SIGTERM, 40)
                 except Exception as exc:
                     errors.append(exc)
+        if self.courier is not None and self.courier.returncode is None:
+            try:
+                _stop_group(self.courier, signal.SIGTERM, 30)
+            except Exception as exc:
+                errors.append(exc)
+        self.mailbox.stop()
         if errors:
             raise errors[0]
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import jwt
 from helpers import PASSWORD, SECRET, TIMESTAMP_RE, assert_error, bearer
 
-USER_KEYS = {"id", "email", "username", "is_active", "created_at", "last_login"}
+USER_KEYS = {"id", "email", "username", "is_active", "created_at", "last_login", "email_verified", "mfa_enabled"}
 
 
 def claims(token: str) -> dict:

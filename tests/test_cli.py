@@ -14,7 +14,7 @@ from helpers import PASSWORD, assert_error, base_settings, bearer, sid_of
 from sqlalchemy import func, select, update
 
 from authapp.extensions import db
-from authapp.models import AuthSession, RefreshToken, User
+from authapp.models import AuthSession, OutboxMessage, RefreshToken, User
 
 NEW_PASSWORD = "granite-meadow-lantern-7"
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,6 +193,10 @@ def test_delete_erases_the_user_its_sessions_and_tokens(app, cli, client, tokens
     assert count(app, User, User.id == user_id) == 0
     assert count(app, AuthSession, AuthSession.user_id == user_id) == 0
     assert count(app, RefreshToken) == 1  # bob's
+    # Her messages (the verification link of the registration) keep neither address nor body.
+    with app.app_context():
+        kept = db.session.execute(select(OutboxMessage.recipient, OutboxMessage.body_text)).all()
+    assert ("alice@example.com", None) not in kept and not any("alice@" in str(row) for row in kept)
     assert client.get("/auth/me", headers=bearer(tokens["access_token"])).status_code == 401
     refreshed = client.post("/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
     assert refreshed.status_code == 401

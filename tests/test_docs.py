@@ -8,7 +8,7 @@ import pytest
 
 EXPECTED = {
     ("/auth/register", "post"): {"201", "400", "409", "413", "415"},
-    ("/auth/login", "post"): {"200", "400", "401", "415"},
+    ("/auth/login", "post"): {"200", "400", "401", "403", "415"},
     ("/auth/refresh", "post"): {"200", "400", "401"},
     ("/auth/me", "get"): {"200", "401"},
     ("/auth/logout", "post"): {"204", "400", "401", "415"},
@@ -16,6 +16,11 @@ EXPECTED = {
     ("/auth/change-password", "post"): {"200", "400", "401", "415"},
     ("/auth/sessions", "get"): {"200", "401"},
     ("/auth/sessions/{session_id}", "delete"): {"204", "401", "404"},
+    ("/auth/password-reset/request", "post"): {"202", "400", "413", "415", "429"},
+    ("/auth/password-reset", "post"): {"200", "400", "415", "429"},
+    ("/auth/verify-email/request", "post"): {"202", "401", "429"},
+    ("/auth/verify-email", "post"): {"200", "400", "409", "415", "429"},
+    ("/auth/change-email", "post"): {"202", "400", "401", "409", "415", "429"},
     ("/health", "get"): {"200", "503"},
     ("/health/live", "get"): {"200"},
 }
@@ -28,7 +33,9 @@ def test_openapi_document(client):
         operation = spec["paths"][path][method]
         assert statuses <= set(operation["responses"]), (path, operation["responses"].keys())
     for path, method in EXPECTED:
-        protected = path.startswith(("/auth/me", "/auth/logout", "/auth/change", "/auth/sessions"))
+        protected = path.startswith(
+            ("/auth/me", "/auth/logout", "/auth/change", "/auth/sessions", "/auth/verify-email/request")
+        )
         assert (spec["paths"][path][method].get("security") == [{"bearerAuth": []}]) == protected, path
     schemas = spec["components"]["schemas"]
     assert {"detail", "error_code", "timestamp", "request_id"} <= set(schemas["Error"]["properties"])

@@ -1,8 +1,11 @@
-"""A new user's first command: `make run` on a clean copy of the repository serves /health."""
+"""A new user's first command: `make run` on a clean copy of the repository serves /health,
+with the mail courier beside the server printing each message (MAIL_URL=console:)."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -72,7 +75,25 @@ def test_make_run_on_a_clean_copy(tmp_path):
                 time.sleep(1)
         assert status == 200, (tmp_path / "make-run.log").read_text()[-3000:]
         assert (tmp_path / "instance" / "authapp.db").exists()
+        # The courier runs: a registration's verification link is printed to the console.
+        account = {"email": "newcomer@example.com", "username": "newcomer", "password": "violet-harbor-cactus-42"}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/auth/register",
+            data=json.dumps(account).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.status == 201
+        link = re.compile(r"http://127\.0\.0\.1:8000/verify-email#token=[A-Za-z0-9_-]{43}")
+        deadline = time.monotonic() + 60
+        while not link.search((tmp_path / "make-run.log").read_text()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert link.search((tmp_path / "make-run.log").read_text()), (tmp_path / "make-run.log").read_text()[-3000:]
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
         log.close()
+    # Stopping make stopped the courier too: no process of the copy is left.
+    time.sleep(1)
+    left = subprocess.run(["pgrep", "-f", f"{tmp_path}/.venv/bin/flask"], capture_output=True, text=True).stdout
+    assert left.strip() == "", left

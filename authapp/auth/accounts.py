@@ -12,8 +12,9 @@ from sqlalchemy.orm import Session
 from .. import audit, clock, identifiers, settings
 from ..database import unit_of_work
 from ..errors import InvalidCredentials, NotFound, UserAlreadyExists
+from ..mail import outbox
 from ..models import AuthSession, RefreshToken, User
-from . import passwords, sessions
+from . import mailings, passwords, sessions
 from .context import Client
 
 
@@ -61,11 +62,19 @@ def list_users(*, include_inactive: bool = True) -> list[User]:
 
 
 def create(
-    email: str, username: str, password: str, client: Client | None = None
+    email: str,
+    username: str,
+    password: str,
+    client: Client | None = None,
+    *,
+    start_session: bool = True,
+    send_verification: bool = False,
 ) -> tuple[User, sessions.Issued | None]:
-    """Create a user, and start its first session when `client` is given (a registration);
-    an operator's account starts none. USER_ALREADY_EXISTS when the email or username is
-    taken, also when another registration commits first."""
+    """Create a user, and start its first session when `client` is given (a registration)
+    unless `start_session` is false; an operator's account starts none. With
+    `send_verification`, queue the verification link in the same transaction.
+    USER_ALREADY_EXISTS when the email or username is taken, also when another
+    registration commits first."""
     with unit_of_work() as db:
         taken = db.scalar(
             select(User.id).where(
@@ -78,27 +87,39 @@ def create(
     hashed = passwords.hash_password(password, settings.current().bcrypt_rounds)
     now = clock.now()
     user = User(email=email, username=username, hashed_password=hashed, created_at=now, updated_at=now)
-    issued = None
+    issued = message = None
     try:
         with unit_of_work() as db:
             db.add(user)
             db.flush()
-            if client is not None:
+            if client is not None and start_session:
                 issued = sessions.start(db, user.id, now, client)
+            if send_verification:
+                message = mailings.verify_email(db, user, now)
     except IntegrityError:
         # Another registration of the same email or username committed first.
         raise UserAlreadyExists() from None
-    if issued is not None:
-        audit.record(audit.REGISTER, user_id=user.id, sid=issued.session.id)
-        issued.record_ended()
+    if client is not None:
+        audit.record(audit.REGISTER, user_id=user.id, sid=issued.session.id if issued else None)
+        if issued is not None:
+            issued.record_ended()
     else:
         audit.record(audit.USER_CREATED, user_id=user.id, by="operator")
+    if message is not None:
+        outbox.record(message)
     return user, issued
 
 
 def register(email: str, username: str, password: str, client: Client) -> dict[str, Any]:
-    """Create an account and start its first session."""
-    user, issued = create(email, username, password, client)
+    """Create an account and start its first session; with EMAIL_VERIFICATION=required,
+    no session until the address is verified (the link is on its way)."""
+    mode = settings.current().email_verification
+    required = mode == "required"
+    user, issued = create(
+        email, username, password, client, start_session=not required, send_verification=mode != "off"
+    )
+    if required:
+        return {"user": user, "email_verification_required": True}
     return cast(sessions.Issued, issued).pair(user)
 
 
@@ -153,11 +174,13 @@ def replace_password(
         revoked = sessions.revoke(db, sessions.PASSWORD_CHANGED, now, AuthSession.user_id == user.id)
         if client is not None:
             issued = sessions.start(db, user.id, now, client)
+        notice = mailings.password_changed(db, user, now)
     if issued is not None:
         audit.record(audit.PASSWORD_CHANGED, user_id=user.id, sid=issued.session.id, sessions_revoked=revoked)
         issued.record_ended()
     else:
         audit.record(audit.PASSWORD_CHANGED, user_id=user.id, sessions_revoked=revoked, by="operator")
+    outbox.record(notice)
     return revoked, issued
 
 
@@ -165,9 +188,12 @@ def replace_password(
 
 
 def delete_user(user: User) -> int:
-    """Erase a user (operators): the account, its sessions and their refresh tokens, in one
-    transaction. The audit line keeps the id only, no personal data. Returns the sessions."""
+    """Erase a user (operators): the account, its sessions and their refresh tokens, its
+    one-time links, and the address and bodies of its messages (one still waiting is given
+    up), in one transaction. The audit line keeps the id only, no personal data. Returns
+    the sessions."""
     with unit_of_work() as db:
+        outbox.forget_user(db, user.id, clock.now())
         count = db.scalar(select(func.count()).select_from(AuthSession).where(AuthSession.user_id == user.id))
         session_ids = select(AuthSession.id).where(AuthSession.user_id == user.id)
         db.execute(delete(RefreshToken).where(RefreshToken.session_id.in_(session_ids)))

@@ -44,7 +44,7 @@ class AuthContext:
 # The user's public columns and the session's state, by primary keys: the one statement of
 # every protected request. A Core select of columns (no ORM entity to build and track) is
 # the cheapest way there. Not the password hash: a flow that needs it reads it itself.
-PUBLIC_USER_COLUMNS = ("id", "username", "email", "is_active", "created_at", "last_login")
+PUBLIC_USER_COLUMNS = ("id", "username", "email", "is_active", "created_at", "last_login", "email_verified_at")
 _SESSION_CHECK = (
     select(*(User.__table__.c[name] for name in PUBLIC_USER_COLUMNS), AuthSession.revoked_at, AuthSession.expires_at)
     .join(AuthSession, AuthSession.user_id == User.id)

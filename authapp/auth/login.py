@@ -9,9 +9,10 @@ from sqlalchemy import select
 
 from .. import audit, clock, ratelimit, settings
 from ..database import unit_of_work
-from ..errors import AppError, InvalidCredentials, ValidationFailed
+from ..errors import AppError, EmailNotVerified, InvalidCredentials, ValidationFailed
+from ..mail import outbox
 from ..models import User
-from . import accounts, passwords, sessions
+from . import accounts, mailings, passwords, sessions
 from .accounts import user_query
 from .context import AuthContext, Client
 
@@ -46,6 +47,14 @@ def login(password: str, client: Client, email: str | None = None, username: str
     if reason is not None:
         audit.record(audit.LOGIN_FAILURE, user_id=user.id if user else None, reason=reason)
         raise InvalidCredentials()
+    if settings.current().email_verification == "required" and user.email_verified_at is None:
+        audit.record(audit.LOGIN_FAILURE, user_id=user.id, reason="email_not_verified")
+        # The right password: a new link, so that an expired one is no dead end
+        # (MAIL_RATE_LIMIT bounds how many).
+        with unit_of_work() as db:
+            message = mailings.verify_email(db, user, clock.now())
+        outbox.record(message)
+        raise EmailNotVerified()
 
     now = clock.now()
     values: dict[str, Any] = {"last_login": now}

@@ -15,16 +15,22 @@ from .. import ratelimit, security
 from ..extensions import limiter
 from ..openapi import BEARER, Blueprint
 from ..schemas import (
+    AcceptedSchema,
+    ChangeEmailSchema,
     ChangePasswordSchema,
     LoginSchema,
     LogoutSchema,
+    PasswordResetRequestSchema,
+    PasswordResetSchema,
     RefreshSchema,
+    RegisterResponseSchema,
     RegisterSchema,
     SessionListSchema,
     TokenResponseSchema,
     UserSchema,
+    VerifyEmailSchema,
 )
-from . import accounts, context, sessions
+from . import accounts, context, recovery, sessions, verification
 from . import login as login_flow
 from . import refresh as refresh_flow
 from .context import Client
@@ -75,7 +81,7 @@ def authenticated(view: Callable) -> Callable:
 @blp.post("/register")
 @limiter.limit(ratelimit.register_limit)
 @json_body(RegisterSchema)
-@blp.response(201, TokenResponseSchema)
+@blp.response(201, RegisterResponseSchema)
 @errors(409, 429)
 def register(data):
     """Create an account and start a session."""
@@ -86,9 +92,9 @@ def register(data):
 @limiter.limit(ratelimit.login_limit)
 @json_body(LoginSchema)
 @blp.response(200, TokenResponseSchema)
-@errors(401, 429)
+@errors(401, 403, 429)
 def login(data):
-    """Log in by email or by username; starts a session."""
+    """Log in by email or by username; starts a session (403 EMAIL_NOT_VERIFIED with EMAIL_VERIFICATION=required)."""
     return login_flow.login(**data, client=client())
 
 
@@ -153,3 +159,62 @@ def list_sessions(auth):
 def delete_session(session_id, auth):
     """Revoke one of the user's sessions."""
     sessions.delete_session(auth, str(session_id))
+
+
+# -- Email: password reset, verification, change of address -------------------------------
+
+ACCEPTED = {"status": "accepted"}
+
+
+@blp.post("/password-reset/request")
+@limiter.limit(ratelimit.mail_request_limit)
+@json_body(PasswordResetRequestSchema)
+@blp.response(202, AcceptedSchema)
+@errors(429)
+def password_reset_request(data):
+    """Email a password-reset link; the same answer whether or not the address has an account."""
+    recovery.request_reset(data["email"])
+    return ACCEPTED
+
+
+@blp.post("/password-reset")
+@limiter.limit(ratelimit.login_limit)
+@json_body(PasswordResetSchema)
+@blp.response(200, TokenResponseSchema)
+@errors(429)
+def password_reset(data):
+    """Set a new password with a reset link's token; ends every session and starts a new one."""
+    return recovery.reset(data["token"], data["new_password"], client())
+
+
+@blp.post("/verify-email/request")
+@limiter.limit(ratelimit.mail_request_limit)
+@authenticated
+@blp.response(202, AcceptedSchema)
+@errors(429)
+def verify_email_request(auth):
+    """Email a new verification link (nothing is sent when the address is verified already)."""
+    verification.request_verification(auth)
+    return ACCEPTED
+
+
+@blp.post("/verify-email")
+@limiter.limit(ratelimit.login_limit)
+@json_body(VerifyEmailSchema)
+@blp.response(200, UserSchema)
+@errors(409, 429)
+def verify_email(data):
+    """Use an email link's token: the address is verified (for a change of address: it becomes the account's)."""
+    return verification.verify(data["token"])
+
+
+@blp.post("/change-email")
+@limiter.limit(ratelimit.login_limit)
+@authenticated
+@json_body(ChangeEmailSchema)
+@blp.response(202, AcceptedSchema)
+@errors(409, 429)
+def change_email(data, auth):
+    """Change the address (the current password is required): a link goes to the new address."""
+    verification.request_change(auth, data["new_email"], data["current_password"])
+    return ACCEPTED

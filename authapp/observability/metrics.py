@@ -32,8 +32,9 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from .. import audit, database
+from .. import audit, clock, database
 from ..breaker import State
+from ..errors import AppError
 from ..extensions import db
 from ..openapi import Blueprint
 
@@ -55,6 +56,14 @@ KNOWN_AUTH_EVENTS = (
     (audit.REFRESH_REPLAY, ""),
     (audit.REUSE_DETECTED, ""),
 )
+# The outbox's outcomes (authapp/mail), by the audit event that records each.
+MAIL_OUTCOMES = {
+    audit.MAIL_QUEUED: "queued",
+    audit.MAIL_SUPPRESSED: "suppressed",
+    audit.MAIL_SENT: "sent",
+    audit.MAIL_RETRY: "retried",
+    audit.MAIL_GIVEN_UP: "given_up",
+}
 
 
 def multiprocess_dir() -> str | None:
@@ -143,6 +152,29 @@ class Metrics:
         )
         for event_name, reason in KNOWN_AUTH_EVENTS:
             self.auth_events.labels(event_name, reason)
+        self.mail_messages = Counter(
+            "authapp_mail_messages",
+            "Outbox messages by outcome: queued, suppressed (MAIL_RATE_LIMIT), sent, retried "
+            "(a failed attempt, tried again later) and given_up; counted by the process that "
+            "saw the outcome (the couriers report theirs on --metrics-port).",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in MAIL_OUTCOMES.values():
+            self.mail_messages.labels(outcome)
+        self.mail_waiting = Gauge(
+            "authapp_mail_outbox_waiting",
+            "Messages in the outbox waiting to be delivered (queued or being sent), read from the "
+            "database at each scrape.",
+            multiprocess_mode="mostrecent",
+            registry=registry,
+        )
+        self.mail_oldest_age = Gauge(
+            "authapp_mail_outbox_oldest_age_seconds",
+            "Age of the oldest message waiting in the outbox (0 when none), read from the database at each scrape.",
+            multiprocess_mode="mostrecent",
+            registry=registry,
+        )
         self._endpoints: dict[str, str] = {}
         self._series: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self._next_publish = 0.0
@@ -187,6 +219,24 @@ class Metrics:
 
     def count_audit_event(self, event_name: str, fields: dict[str, Any]) -> None:
         self.auth_events.labels(event_name, fields.get("reason") or "").inc()
+        outcome = MAIL_OUTCOMES.get(event_name)
+        if outcome is not None:
+            self.mail_messages.labels(outcome).inc()
+
+    def publish_outbox(self) -> None:
+        """Read the outbox's backlog from the database (skipped while it is unreachable:
+        the gauges keep their last values and the scrape still answers)."""
+        from ..mail import outbox
+
+        if self.breaker.state is not State.CLOSED:  # a scrape is no trial call of the breaker
+            return
+        try:
+            with database.autocommit_read() as connection:
+                waiting, oldest = outbox.queue_stats(connection, clock.now())
+        except AppError:
+            return
+        self.mail_waiting.set(waiting)
+        self.mail_oldest_age.set(oldest)
 
     # -- Database pool --------------------------------------------------------------------
 
@@ -247,6 +297,7 @@ class Metrics:
         self.publish_breaker_state()
         self.publish_pool_usage()
         self.publish_pool_size()
+        self.publish_outbox()
         directory = multiprocess_dir()
         registry = self.registry
         if directory is not None:

@@ -1,4 +1,5 @@
-// authapp example frontend: register, log in, show the user, list and revoke sessions, log out.
+// authapp example frontend: register, log in, show the user, list and revoke sessions, log out;
+// forgot password, reset password, verify email, change email (the pages the email links open).
 //
 // Where the tokens live: in the two variables below and nowhere else. Not localStorage, not
 // sessionStorage, not a cookie, not the URL: any script that runs on this origin can read
@@ -14,6 +15,7 @@
   let refreshToken = null;
   let refreshing = null; // the refresh in flight, shared by every call that needs it
   let pending = 0;
+  let linkToken = null; // the token of an email link's fragment, held like the session's tokens
 
   class ApiError extends Error {
     constructor(status, body, requestId) {
@@ -140,6 +142,8 @@
     $("me-username").textContent = user.username;
     $("me-id").textContent = String(user.id);
     $("me-email").textContent = user.email;
+    $("me-email-verified").textContent = user.email_verified ? "yes" : "no";
+    $("verify-request").hidden = Boolean(user.email_verified);
     $("me-created-at").textContent = user.created_at;
     $("me-last-login").textContent = user.last_login || "never";
   }
@@ -265,6 +269,65 @@
     notice("The session was revoked.");
   }
 
+  // -- Email: forgot password, reset password, verify email, change email ---------------
+
+  async function forgotPassword(form) {
+    const email = String(new FormData(form).get("email")).trim();
+    await request("POST", "/auth/password-reset/request", { body: { email } });
+    form.reset();
+    // The API answers the same whether or not an account has the address, and so does this page.
+    notice(`If an account uses ${email}, a link to choose a new password is on its way. It works once, for a limited time.`);
+  }
+
+  async function resetPassword(form) {
+    const body = { token: linkToken, new_password: new FormData(form).get("new_password") };
+    // A password the policy refuses spends nothing: the API's messages show, and the same link works again.
+    const pair = await request("POST", "/auth/password-reset", { body });
+    form.reset();
+    linkToken = null;
+    $("reset-view").hidden = true;
+    await signIn(pair);
+    notice("Your password was changed and every other device was logged out. You are logged in.");
+  }
+
+  async function verifyEmail() {
+    const user = await request("POST", "/auth/verify-email", { body: { token: linkToken } });
+    linkToken = null;
+    $("verify-view").hidden = true;
+    if (accessToken) render(user);
+    notice(`Your address ${user.email} is verified.`);
+  }
+
+  async function requestVerification() {
+    await authed("POST", "/auth/verify-email/request");
+    notice("A new link is on its way to your address.");
+  }
+
+  async function changeEmail(form) {
+    const data = new FormData(form);
+    const newEmail = String(data.get("new_email")).trim();
+    await authed("POST", "/auth/change-email", { new_email: newEmail, current_password: data.get("current_password") });
+    form.reset();
+    notice(`A link was sent to ${newEmail}: your address changes when you open it. Your current address was told.`);
+  }
+
+  // An email link: the view its path names, with the token of its fragment, which leaves
+  // the address bar (and the history) at once.
+  function openLink() {
+    const view = { "reset-password": "reset-view", "verify-email": "verify-view" }[
+      window.location.pathname.split("/").filter(Boolean).pop() || ""
+    ];
+    const match = /^#token=([A-Za-z0-9_-]+)$/.exec(window.location.hash);
+    if (!view) return;
+    window.history.replaceState(null, "", window.location.pathname);
+    if (!match) {
+      showError(new ApiError(400, { detail: "This link has no token: open the whole link from the message." }));
+      return;
+    }
+    linkToken = match[1];
+    $(view).hidden = false;
+  }
+
   async function logout() {
     try {
       await authed("POST", "/auth/logout", { refresh_token: refreshToken });
@@ -286,8 +349,23 @@
     event.preventDefault();
     run(() => login(event.target));
   });
+  $("forgot-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    run(() => forgotPassword(event.target));
+  });
+  $("reset-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    run(() => resetPassword(event.target));
+  });
+  $("verify-submit").addEventListener("click", () => run(verifyEmail));
+  $("verify-request").addEventListener("click", () => run(requestVerification));
+  $("change-email-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    run(() => changeEmail(event.target));
+  });
   $("reload").addEventListener("click", () => run(reload));
   $("logout").addEventListener("click", () => run(logout));
   render(null);
+  openLink();
   document.documentElement.dataset.ready = "true";
 })();

@@ -20,6 +20,7 @@ from werkzeug.serving import make_server
 
 ROOT = Path(__file__).resolve().parents[2]
 FRONTEND_DIR = ROOT / "examples" / "frontend"
+LINK_PAGES = ("/reset-password", "/verify-email")  # as examples/frontend/serve.py serves them
 
 
 def is_loopback(url: str) -> bool:
@@ -72,6 +73,9 @@ class _FrontendHandler(http.server.SimpleHTTPRequestHandler):
         super().__init__(*args, directory=str(FRONTEND_DIR), **kwargs)
 
     def do_GET(self) -> None:
+        if urllib.parse.urlsplit(self.path).path in LINK_PAGES:
+            # The pages the email links open are the one page, as any single-page host serves them.
+            self.path = "/index.html"
         if urllib.parse.urlsplit(self.path).path == "/config.js" and self.site.api_url:
             # What a deployment writes into config.js: where the API is.
             body = f"window.AUTHAPP_CONFIG = {{ apiBaseUrl: {json.dumps(self.site.api_url)} }};\n".encode()

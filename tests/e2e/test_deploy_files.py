@@ -13,7 +13,7 @@ import pytest
 from devtools.stack import NGINX_CONF, ROOT, UWSGI_INI, Api, find_binary, json_lines, running_stack
 
 DEPLOY = ROOT / "deploy"
-UNITS = ["authapp@.service", "authapp-prune.service", "authapp-prune.timer"]
+UNITS = ["authapp@.service", "authapp-prune.service", "authapp-prune.timer", "authapp-courier.service"]
 
 
 def unit_values(name: str, key: str) -> list[str]:
@@ -41,6 +41,17 @@ def test_units_nginx_and_uwsgi_agree():
     harakiri = int(re.search(r"^harakiri = (\d+)$", UWSGI_INI.read_text(), re.M).group(1))
     read_timeout = int(re.search(r"uwsgi_read_timeout (\d+)s;", nginx).group(1))
     assert harakiri < read_timeout
+
+
+def test_the_stack_runs_the_courier_unit_command():
+    (command,) = unit_values("authapp-courier.service", "ExecStart")
+    assert command.startswith("/srv/authapp/.venv/bin/flask --app wsgi mail courier")
+    assert unit_values("authapp-courier.service", "EnvironmentFile") == unit_values(
+        "authapp@.service", "EnvironmentFile"
+    )
+    assert unit_values("authapp-courier.service", "KillSignal") == ["SIGTERM"]
+    stack_source = (ROOT / "devtools" / "stack.py").read_text()
+    assert '"--app", "wsgi", "mail", "courier"' in stack_source
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
