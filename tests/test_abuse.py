@@ -184,13 +184,21 @@ def test_two_instances_share_the_lockout_without_redis(app, tokens, database_url
 def test_uwsgi_workers_with_memory_storage_log_what_it_costs(database_url, monkeypatch, log_text):
     import types
 
-    monkeypatch.setitem(sys.modules, "uwsgi", types.SimpleNamespace(numproc=4))
+    monkeypatch.setitem(sys.modules, "uwsgi", types.SimpleNamespace(numproc=4, opt={}))
     from authapp import create_app
 
     def warnings(environment: str, **settings: str) -> int:
         before = log_text().count("ratelimit_storage_per_process")
         create_app(
-            base_settings(DATABASE_URL=database_url, ENVIRONMENT=environment, RATELIMIT_ENABLED="true", **settings)
+            base_settings(
+                DATABASE_URL=database_url,
+                ENVIRONMENT=environment,
+                RATELIMIT_ENABLED="true",
+                MAIL_URL="smtp://127.0.0.1:25",
+                MAIL_FROM="authapp@example.com",
+                FRONTEND_URL="https://app.example.com",
+                **settings,
+            )
         )
         return log_text().count("ratelimit_storage_per_process") - before
 
@@ -199,7 +207,7 @@ def test_uwsgi_workers_with_memory_storage_log_what_it_costs(database_url, monke
     assert "up to 4 times LOGIN_RATE_LIMIT" in log_text()
     assert warnings("development") == 0
     assert warnings("production", RATELIMIT_STORAGE_URI="redis://127.0.0.1:1/0") == 0
-    monkeypatch.setitem(sys.modules, "uwsgi", types.SimpleNamespace(numproc=1))
+    monkeypatch.setitem(sys.modules, "uwsgi", types.SimpleNamespace(numproc=1, opt={}))
     assert warnings("production") == 0
 
 

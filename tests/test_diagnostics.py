@@ -52,11 +52,9 @@ def logs() -> Iterator[Records]:
 def fresh_throttles(monkeypatch):
     """Each test sees the first line of each event (the throttles are per process)."""
     import authapp.health
-    import authapp.ratelimit
 
     monkeypatch.setattr(database, "_throttled", ThrottledLog(database.log))
     monkeypatch.setattr(authapp.health, "log", ThrottledLog(logging.getLogger("authapp.health")))
-    monkeypatch.setattr(authapp.ratelimit, "_throttled", ThrottledLog(authapp.ratelimit.log))
 
 
 def missing_database_url() -> str:

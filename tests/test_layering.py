@@ -17,6 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "authapp"
 
 # Views (the HTTP and CLI entry points), request hooks, and extension set-up.
 MAY_READ_THE_REQUEST = {
+    "addresses.py",  # Flask-Limiter's key function
     "auth/routes.py",
     "health.py",
     "openapi.py",
