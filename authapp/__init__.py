@@ -13,7 +13,7 @@ from flask import Flask
 from config import build_flask_config, load_settings
 
 from . import cli, database, errors, health, observability, openapi, ratelimit, security
-from .auth import routes, tokens
+from .auth import jwks, keys, routes, tokens
 from .extensions import cors, db, jwt, migrate
 from .version import __version__
 
@@ -79,6 +79,7 @@ def register_extensions(app: Flask) -> None:
     observability.metrics.watch_breaker(app)
     migrate.init_app(app, db, directory=MIGRATIONS_DIR, render_as_batch=True)
     jwt.init_app(app)
+    keys.init_app(app, jwt)
     tokens.init_app(jwt)
     ratelimit.init_app(app)
     if app.config["CORS_ORIGINS"]:
@@ -97,6 +98,7 @@ def register_blueprints(app: Flask) -> None:
     api = openapi.Api()
     openapi.init_app(app, api)
     api.register_blueprint(routes.blp)
+    api.register_blueprint(jwks.blp)
     api.register_blueprint(health.blp)
     api.register_blueprint(observability.metrics.blp)
 

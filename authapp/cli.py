@@ -1,4 +1,5 @@
-"""`flask` commands for operators: `flask users ...` and `flask sessions ...`.
+"""`flask` commands for operators: `flask users ...`, `flask sessions ...` and `flask keys ...`
+(authapp/keys_cli.py).
 
 Each command exits 0 on success and 1 with one clear line on error.
 """
@@ -15,6 +16,7 @@ from flask import Flask, current_app
 from flask.cli import AppGroup
 from marshmallow import ValidationError
 
+from . import keys_cli
 from .auth import service
 from .errors import AppError
 from .schemas import RegisterSchema
@@ -141,3 +143,4 @@ def init_app(app: Flask) -> None:
     """Register the operator commands with the app's CLI."""
     app.cli.add_command(users)
     app.cli.add_command(sessions)
+    app.cli.add_command(keys_cli.group)
