@@ -447,15 +447,11 @@ def test_the_database_allows_one_active_key_only(cli):
 
 def test_without_an_active_key_nothing_is_signed_and_the_answer_says_what_to_run(make_app):
     app = make_app(JWT_ALGORITHM="EdDSA")
-    body = assert_error(
-        app.test_client().post(
-            "/auth/register",
-            json={"email": "a@example.com", "username": "alice", "password": "violet-harbor-cactus-42"},
-        ),
-        503,
-        "SERVICE_UNAVAILABLE",
-    )
+    account = {"email": "a@example.com", "username": "alice", "password": "violet-harbor-cactus-42"}
+    response = app.test_client().post("/auth/register", json=account)
+    body = assert_error(response, 503, "SERVICE_UNAVAILABLE")
     assert "keys generate --activate" in body["detail"]
+    assert response.headers["Retry-After"] == "60"
 
 
 def test_a_production_start_without_an_active_key_stops_with_the_command_to_run(database_url, backend):

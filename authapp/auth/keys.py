@@ -270,8 +270,8 @@ class KeyRing:
 
     def _reload(self, stale: KeySet | None, *, forced: bool) -> KeySet:
         with self._lock:
-            if self._set is not stale:  # another thread reloaded meanwhile
-                return self._set  # type: ignore[return-value]
+            if self._set is not None and self._set is not stale:  # another thread reloaded meanwhile
+                return self._set
             now = time.monotonic()
             if stale is not None and not forced and now - self._last_attempt < self.unknown_kid_interval:
                 return stale  # the last attempt failed a moment ago: keep serving the known keys
@@ -305,7 +305,7 @@ def signing_key() -> Key:
     signing = ring().current().signing
     if signing is None:
         log.error("no active signing key", extra={"event": "no_active_signing_key"})
-        raise NoSigningKey()
+        raise NoSigningKey(headers={"Retry-After": str(ring().interval)})
     return signing
 
 
