@@ -604,11 +604,9 @@ def test_attacks_are_invalid_tokens(eddsa, attack):
     assert_error(client.get("/auth/me", headers=bearer(forged)), 401, "INVALID_TOKEN")
 
 
-def test_a_token_of_another_deployment_is_refused(eddsa, make_app, tmp_path, request):
+def test_a_token_of_another_deployment_is_refused(eddsa, database_factory, tmp_path, request):
     app, client, _info, _tokens = eddsa
-    from conftest import fresh_database
-
-    with fresh_database("sqlite", request, tmp_path) as other_url:
+    with database_factory("sqlite", request, tmp_path) as other_url:
         other = create_app(base_settings(DATABASE_URL=other_url, JWT_ALGORITHM="EdDSA"))
         activate_new_key(other)
         theirs = register(other.test_client(), "mallory")
