@@ -55,9 +55,11 @@ bench: $(BIN)/.deploy
 	@command -v wrk >/dev/null || { echo "make bench needs wrk (apt-get install wrk)" >&2; exit 1; }
 	timeout -k 60 1200 $(BIN)/python bench/bench.py --database-url "$(BENCH_DATABASE_URL)" $(BENCH_ARGS)
 
+## lint: ruff (lint and format) over the tree, mypy over authapp/ and config.py
 lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: install-dev
 	$(BIN)/ruff check --fix .

@@ -126,6 +126,22 @@ def _writable_directory(name: str, raw: str) -> str:
     return path
 
 
+SPEEDUP_NAMES = ("sync_callables", "lean_log_records", "pyjwt_segments")  # authapp/speedups.py
+
+
+def _speedups(name: str, raw: str) -> tuple[str, ...]:
+    value = raw.strip().lower()
+    if value == "all":
+        return SPEEDUP_NAMES
+    if value == "none":
+        return ()
+    names = tuple(part.strip() for part in value.split(",") if part.strip())
+    unknown = [n for n in names if n not in SPEEDUP_NAMES]
+    if unknown or not names:
+        raise ConfigError(f"{name} must be all, none, or some of {', '.join(SPEEDUP_NAMES)}, got {raw!r}")
+    return names
+
+
 # variable -> (parser, default). A default of None means "not set".
 SETTINGS: dict[str, tuple[Callable[[str, str], Any], str | None]] = {
     "ENVIRONMENT": (_choice(ENVIRONMENTS), "development"),
@@ -164,6 +180,7 @@ SETTINGS: dict[str, tuple[Callable[[str, str], Any], str | None]] = {
     # Read by prometheus_client itself from the environment; checked here so that a bad
     # value stops start-up with one line (observability/metrics.py).
     "PROMETHEUS_MULTIPROC_DIR": (_writable_directory, None),
+    "SPEEDUPS": (_speedups, "all"),
 }
 
 

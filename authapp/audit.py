@@ -1,7 +1,8 @@
 """The audit trail: one structured log event per security fact, never a secret.
 
-Each event carries the request id, the user id, the session id and the client address
-when they are known. Listeners (metrics) may subscribe with `subscribe`.
+Each event carries the user id and the session id when they are known; the log handler
+adds the request id and the client address (observability.logs). The app's listeners
+(its metrics) subscribe with `subscribe`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from flask import g, has_request_context, request
+from flask import Flask, current_app, has_app_context
 
 log = logging.getLogger("authapp.audit")
 
@@ -31,22 +32,20 @@ USER_CREATED = "user_created"
 USER_DEACTIVATED = "user_deactivated"
 USER_ACTIVATED = "user_activated"
 
-_listeners: list[Callable[[str, dict[str, Any]], None]] = []
+_EXTENSION = "authapp.audit"
+Listener = Callable[[str, dict[str, Any]], None]
 
 
-def subscribe(listener: Callable[[str, dict[str, Any]], None]) -> None:
-    """Call `listener(event, fields)` for every audit event (e.g. to count it)."""
-    if listener not in _listeners:
-        _listeners.append(listener)
+def subscribe(app: Flask, listener: Listener) -> None:
+    """Call `listener(event, fields)` for every audit event of `app` (e.g. to count it)."""
+    listeners = app.extensions.setdefault(_EXTENSION, [])
+    if listener not in listeners:
+        listeners.append(listener)
 
 
 def record(event: str, *, user_id: int | None = None, sid: str | None = None, **fields: Any) -> None:
     """Log one audit event. `fields` must never hold a password, hash or token."""
     entry: dict[str, Any] = {"event": event, "audit": True, "user_id": user_id, "sid": sid, **fields}
-    if has_request_context():
-        entry["client_addr"] = request.remote_addr
-        if user_id is not None:
-            g.user_id = user_id
     log.info(event, extra=entry)
-    for listener in _listeners:
+    for listener in current_app.extensions.get(_EXTENSION, ()) if has_app_context() else ():
         listener(event, entry)

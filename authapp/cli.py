@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from datetime import timedelta
 from functools import wraps
+from typing import Any, cast
 
 import click
 from flask import Flask, current_app
@@ -17,10 +18,11 @@ from flask.cli import AppGroup
 from marshmallow import ValidationError
 
 from . import keys_cli
-from .auth import service
+from .auth import accounts
+from .auth import sessions as auth_sessions
+from .clock import iso
 from .errors import AppError
 from .schemas import RegisterSchema
-from .timeutil import iso
 
 users = AppGroup("users", help="Create, list, activate and deactivate users; set a password.")
 sessions = AppGroup("sessions", help="Revoke and prune sessions.")
@@ -45,12 +47,13 @@ def _read_password(from_stdin: bool) -> str:
     return click.prompt("Password", hide_input=True, confirmation_prompt=True)
 
 
-def _checked(email: str, username: str, password: str) -> dict:
+def _checked(email: str, username: str, password: str) -> dict[str, Any]:
     """Apply the API's own rules for a new account (or a new password)."""
     try:
         return RegisterSchema().load({"email": email, "username": username, "password": password})
     except ValidationError as error:
-        lines = [f"{field}: {' '.join(messages)}" for field, messages in sorted(error.messages.items())]
+        messages = cast(dict[str, list[str]], error.messages)  # a schema's errors: by field
+        lines = [f"{field}: {' '.join(texts)}" for field, texts in sorted(messages.items())]
         raise click.ClickException("; ".join(lines)) from None
 
 
@@ -67,7 +70,7 @@ password_option = click.option(
 def create_user(email: str, username: str, password_stdin: bool) -> None:
     """Create a user (the password is prompted for, or read from stdin)."""
     data = _checked(email, username, _read_password(password_stdin))
-    user = service.create_user(**data)
+    user, _ = accounts.create(**data)
     click.echo(f"created user {user.id} {user.username} <{user.email}>")
 
 
@@ -76,7 +79,7 @@ def create_user(email: str, username: str, password_stdin: bool) -> None:
 @_clean_errors
 def list_users(active_only: bool) -> None:
     """List users: id, username, email, active, created, last login."""
-    for user in service.list_users(include_inactive=not active_only):
+    for user in accounts.list_users(include_inactive=not active_only):
         last = iso(user.last_login) if user.last_login else "-"
         state = "active" if user.is_active else "inactive"
         click.echo(f"{user.id}\t{user.username}\t{user.email}\t{state}\t{iso(user.created_at)}\t{last}")
@@ -87,8 +90,8 @@ def list_users(active_only: bool) -> None:
 @_clean_errors
 def deactivate(user: str) -> None:
     """Deactivate USER (id, email or username) and end all of its sessions."""
-    found = service.find_user(user)
-    revoked = service.set_active(found, False)
+    found = accounts.find_user(user)
+    revoked = accounts.set_active(found, False)
     click.echo(f"deactivated user {found.id} {found.username}; {revoked} session(s) revoked")
 
 
@@ -97,8 +100,8 @@ def deactivate(user: str) -> None:
 @_clean_errors
 def activate(user: str) -> None:
     """Activate USER (id, email or username) again."""
-    found = service.find_user(user)
-    service.set_active(found, True)
+    found = accounts.find_user(user)
+    accounts.set_active(found, True)
     click.echo(f"activated user {found.id} {found.username}")
 
 
@@ -108,9 +111,9 @@ def activate(user: str) -> None:
 @_clean_errors
 def set_password(user: str, password_stdin: bool) -> None:
     """Set USER's password (policy applies) and end all of its sessions."""
-    found = service.find_user(user)
+    found = accounts.find_user(user)
     data = _checked(found.email, found.username, _read_password(password_stdin))
-    revoked = service.set_password(found, data["password"])
+    revoked, _ = accounts.replace_password(found, data["password"])
     click.echo(f"password set for user {found.id} {found.username}; {revoked} session(s) revoked")
 
 
@@ -119,8 +122,8 @@ def set_password(user: str, password_stdin: bool) -> None:
 @_clean_errors
 def revoke_all(user: str) -> None:
     """End every session of USER (id, email or username)."""
-    found = service.find_user(user)
-    revoked = service.revoke_all(found)
+    found = accounts.find_user(user)
+    revoked = auth_sessions.end_all(found.id, auth_sessions.ADMIN, by="operator")
     click.echo(f"{revoked} session(s) revoked for user {found.id} {found.username}")
 
 
@@ -135,7 +138,7 @@ def revoke_all(user: str) -> None:
 def prune(revoked_days: int | None) -> None:
     """Delete expired sessions, long-revoked sessions and expired refresh tokens."""
     days = revoked_days if revoked_days is not None else current_app.config["REFRESH_TOKEN_EXPIRE_DAYS"]
-    deleted_sessions, deleted_tokens = service.prune(timedelta(days=days))
+    deleted_sessions, deleted_tokens = auth_sessions.prune(timedelta(days=days))
     click.echo(f"pruned {deleted_sessions} session(s) and {deleted_tokens} refresh token(s)")
 
 

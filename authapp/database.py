@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
-from flask import Flask, current_app, g, has_request_context
+from flask import Flask, current_app, has_request_context
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
@@ -32,6 +32,9 @@ log = logging.getLogger("authapp.database")
 RETRY_AFTER_SECONDS = "5"
 _EXTENSION = "authapp.breaker"
 _in_unit_of_work: ContextVar[bool] = ContextVar("authapp_in_unit_of_work", default=False)
+# Whether the request being handled (in this thread) went through the breaker; reset by
+# `begin_request` at the start of each request.
+_used_in_request: ContextVar[bool] = ContextVar("authapp_used_in_request", default=False)
 # Every engine this process made, so that a forked child can drop what it inherited.
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
@@ -43,13 +46,24 @@ def is_connectivity_error(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
+def breaker_of(app: Flask) -> CircuitBreaker:
+    """The app's circuit breaker (one per process and app)."""
+    return app.extensions[_EXTENSION]
+
+
 def breaker() -> CircuitBreaker:
+    """The circuit breaker of the current app."""
     return current_app.extensions[_EXTENSION]
+
+
+def begin_request() -> None:
+    """Forget whether an earlier request of this thread used the database (a request hook)."""
+    _used_in_request.set(False)
 
 
 def used_database() -> bool:
     """Whether the current request went through the breaker to the database."""
-    return g.get("authapp_used_database", False)
+    return _used_in_request.get()
 
 
 @contextmanager
@@ -59,8 +73,7 @@ def _through_breaker() -> Iterator[None]:
     database; losing the database answers 503 SERVICE_UNAVAILABLE; any other error
     propagates."""
     scope = _in_unit_of_work.set(True)
-    if has_request_context():
-        g.authapp_used_database = True
+    _used_in_request.set(True)
     try:
         with breaker().guard():
             yield
@@ -79,7 +92,7 @@ def _through_breaker() -> Iterator[None]:
 def unit_of_work() -> Iterator[Session]:
     """One transaction through the breaker: committed when the block ends, rolled back
     when it raises (errors as in `_through_breaker`)."""
-    session = db.session
+    session = cast(Session, db.session)  # the scoped session proxies the request's Session
     with _through_breaker():
         try:
             yield session
@@ -101,7 +114,7 @@ def autocommit_read() -> Iterator[Connection]:
     pool, never handed out again.
     """
     with _through_breaker(), db.engine.connect() as connection:
-        driver = connection.connection.driver_connection
+        driver: Any = connection.connection.driver_connection
         if not hasattr(driver, "autocommit") or connection.dialect.name != "postgresql":
             yield connection  # SQLite: one local file, no round trips to save
             return

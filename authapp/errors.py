@@ -9,7 +9,7 @@ from flask import Flask, g, jsonify
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
-from .timeutil import iso_now
+from .clock import iso_now
 
 log = logging.getLogger("authapp.errors")
 

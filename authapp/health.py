@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from sqlalchemy import text
 
+from .clock import iso_now
 from .database import breaker, unit_of_work
 from .errors import AppError
 from .openapi import Blueprint, version
 from .schemas import HealthSchema, LivenessSchema
-from .timeutil import iso_now
 from .version import __version__
 
 blp = Blueprint("health", __name__, url_prefix="/health", description="Health checks")

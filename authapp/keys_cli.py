@@ -6,12 +6,11 @@ Each command exits 0 on success and 1 with one clear line on error.
 from __future__ import annotations
 
 import click
-from flask import current_app
 from flask.cli import AppGroup
 
 from .auth import keys
+from .clock import iso
 from .errors import AppError
-from .timeutil import iso
 
 group = AppGroup(
     "keys",
@@ -27,7 +26,7 @@ def _run(action, *args, **kwargs):
 
 
 def _warn_if_young(info: keys.KeyInfo) -> None:
-    wait = keys.JWKS_MAX_AGE + current_app.config["JWT_KEYS_RELOAD_SECONDS"]
+    wait = keys.JWKS_MAX_AGE + keys.ring().interval
     age = keys.published_for(info).total_seconds()
     if age < wait:
         click.echo(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from sqlalchemy import (
     Boolean,
@@ -21,11 +22,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from .extensions import db
+from . import clock
+from .extensions import Base, db
 
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+# What mypy is told db.Model is: Flask-SQLAlchemy builds it from Base at run time.
+if TYPE_CHECKING:
+    Model = Base
+else:
+    Model = db.Model
 
 
 class UTCDateTime(types.TypeDecorator):
@@ -49,7 +53,7 @@ class UTCDateTime(types.TypeDecorator):
         return value
 
 
-class User(db.Model):
+class User(Model):
     __tablename__ = "users"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -57,8 +61,8 @@ class User(db.Model):
     email: Mapped[str] = mapped_column(String(100), nullable=False)
     hashed_password: Mapped[str] = mapped_column(String(255), nullable=False)
     is_active: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True, server_default=true())
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow, onupdate=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=clock.now)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=clock.now, onupdate=clock.now)
     last_login: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
     __table_args__ = (
@@ -71,7 +75,7 @@ class User(db.Model):
         return f"<User {self.id} {self.username!r}>"
 
 
-class AuthSession(db.Model):
+class AuthSession(Model):
     """One login (register, login or change-password) and the refresh tokens rotated from it."""
 
     __tablename__ = "sessions"
@@ -92,7 +96,7 @@ class AuthSession(db.Model):
         return self.revoked_at is None and self.expires_at > now
 
 
-class RefreshToken(db.Model):
+class RefreshToken(Model):
     """A refresh token issued in a session; only a hash of its `jti` is kept."""
 
     __tablename__ = "refresh_tokens"
@@ -108,7 +112,7 @@ class RefreshToken(db.Model):
     used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
-class SigningKey(db.Model):
+class SigningKey(Model):
     """A key pair that signs or verifies tokens (RS256, ES256, EdDSA); `kid` is its RFC 7638
     thumbprint. The private part is stored only encrypted (authapp/auth/keys.py)."""
 

@@ -21,7 +21,7 @@ from .errors import NotFound, PayloadTooLarge, UnsupportedMediaType, ValidationF
 from .schemas import ErrorSchema
 from .version import __version__
 
-BEARER = [{"bearerAuth": []}]
+BEARER: list[dict[str, list[str]]] = [{"bearerAuth": []}]
 
 
 class JSONBodyParser(FlaskParser):

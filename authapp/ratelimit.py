@@ -20,6 +20,7 @@ from limits import RateLimitItemPerSecond
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
+from . import settings
 from .errors import RateLimited, app_error_response
 from .extensions import limiter
 
@@ -63,10 +64,10 @@ def account_key(user_id: int | None, identifier: str) -> str:
 
 
 def _lockout() -> tuple[MovingWindowRateLimiter, RateLimitItemPerSecond, str]:
-    config = current_app.config
+    current = settings.current()
     strategy = current_app.extensions[_LOCKOUT]
-    item = RateLimitItemPerSecond(config["LOGIN_MAX_FAILURES"], config["LOGIN_FAILURE_WINDOW"])
-    return strategy, item, config.get("RATELIMIT_KEY_PREFIX", "") + "login-failures"
+    item = RateLimitItemPerSecond(current.login_max_failures, current.login_failure_window)
+    return strategy, item, current.ratelimit_key_prefix + "login-failures"
 
 
 def _storage_failed(action: str) -> None:

@@ -6,12 +6,12 @@ import re
 from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
-from flask import current_app
-from flask_jwt_extended import current_user
+from flask import g
 from marshmallow import Schema, ValidationError, fields, validates_schema
 
+from . import settings
 from .auth import passwords
-from .timeutil import iso
+from .clock import iso
 
 USERNAME_RE = re.compile(r"[A-Za-z0-9_.-]{3,50}")
 EMAIL_MAX_LENGTH = 100
@@ -88,7 +88,7 @@ class Password(Text):
 def _check_new_password(password: str, *, username: str | None, email: str | None, field: str) -> None:
     problems = passwords.policy_problems(
         password,
-        min_length=current_app.config["PASSWORD_MIN_LENGTH"],
+        min_length=settings.current().password_min_length,
         username=username,
         email=email,
     )
@@ -134,7 +134,7 @@ class ChangePasswordSchema(Schema):
 
     @validates_schema
     def _password_policy(self, data: dict[str, Any], **kwargs: Any) -> None:
-        user = current_user._get_current_object()
+        user = g.auth.user  # the token was checked before the body is parsed (auth.routes)
         _check_new_password(data["new_password"], username=user.username, email=user.email, field="new_password")
 
 

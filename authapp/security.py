@@ -3,7 +3,7 @@ the documentation pages work with nothing but their own assets."""
 
 from __future__ import annotations
 
-from flask import Flask, Response, request
+from flask import Response, request
 
 # JSON answers are never rendered as documents: nothing may load, frame or submit.
 API_POLICY = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
@@ -33,7 +33,8 @@ _API_HEADERS = (*COMMON_HEADERS.items(), ("Content-Security-Policy", API_POLICY)
 _DOCS_HEADERS = (*COMMON_HEADERS.items(), ("Content-Security-Policy", DOCS_POLICY))
 
 
-def _add_headers(response: Response) -> Response:
+def add_headers(response: Response) -> Response:
+    """The security headers of every answer (an after-request hook)."""
     # Appended, not set: nothing else in the app sets these, and werkzeug's set/setdefault
     # scan the header list (a measurable part of a cheap request).
     path = request.path
@@ -41,7 +42,3 @@ def _add_headers(response: Response) -> Response:
     if path.startswith("/auth/"):
         response.headers.extend(NO_STORE)
     return response
-
-
-def init_app(app: Flask) -> None:
-    app.after_request(_add_headers)

@@ -10,8 +10,8 @@ in the same run on the same machine:
 Each row is one wrk run (bounded by --seconds), after a short warm-up. Besides the load
 averages, each row reports how much of the machine's CPU went to processes that are not
 part of the benchmark during that run: figures taken while that share is not near zero
-are not a fair measurement. The table is printed, written to README.md (between the
-bench markers) and, with every raw figure, to bench/results/.
+are not a fair measurement. The table is printed, written to docs/benchmark.md (between
+the bench markers) and, with every raw figure, to bench/results/.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "e2e")]
+sys.path[:0] = [str(ROOT)]
 
-from stack import (  # noqa: E402
+from devtools.stack import (  # noqa: E402
     PASSWORD,
     Stack,
     admin_connection,
@@ -50,7 +50,7 @@ from stack import (  # noqa: E402
 )
 
 BENCH = ROOT / "bench"
-README = ROOT / "README.md"
+BENCHMARK_PAGE = ROOT / "docs" / "benchmark.md"
 START_MARK, END_MARK = "<!-- bench:start -->", "<!-- bench:end -->"
 TARGETS = {"/health/live": 0.8, "/auth/me": 0.5, "/auth/login": 0.9, "/auth/register": 0.9}
 P99_OVER_P50_LIMIT = 10
@@ -480,13 +480,14 @@ def bench_command(argv: list[str]) -> str:
     return "make bench" + (f" BENCH_ARGS='{' '.join(options)}'" if options else "")
 
 
-def write_readme(text: str) -> None:
-    readme = README.read_text()
-    if START_MARK not in readme or END_MARK not in readme:
-        raise RuntimeError(f"README.md has no {START_MARK} ... {END_MARK} block")
-    before, rest = readme.split(START_MARK, 1)
+def write_table(text: str, page: Path = BENCHMARK_PAGE) -> None:
+    """Replace what stands between the bench markers of `page` with `text`."""
+    content = page.read_text()
+    if START_MARK not in content or END_MARK not in content:
+        raise RuntimeError(f"{page.relative_to(ROOT)} has no {START_MARK} ... {END_MARK} block")
+    before, rest = content.split(START_MARK, 1)
     _, after = rest.split(END_MARK, 1)
-    README.write_text(f"{before}{START_MARK}\n{text}\n{END_MARK}{after}")
+    page.write_text(f"{before}{START_MARK}\n{text}\n{END_MARK}{after}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -530,9 +531,15 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="PATH",
-        help="measure only this endpoint (repeatable) beside the bare route; implies --no-readme",
+        help="measure only this endpoint (repeatable) beside the bare route; implies --no-write",
     )
-    parser.add_argument("--no-readme", action="store_true", help="do not write the table into README.md")
+    parser.add_argument(
+        "--no-write",
+        "--no-readme",
+        dest="no_write",
+        action="store_true",
+        help="do not write the table into docs/benchmark.md (--no-readme: the former name)",
+    )
     parser.add_argument("--results-dir", type=Path, default=BENCH / "results", help="where the raw figures go")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
@@ -561,8 +568,8 @@ def main(argv: list[str] | None = None) -> int:
     raw = {**info, "rows": [{**row.__dict__, "rps": row.rps, "ratio": row.ratio} for row in rows]}
     (results / f"bench-{stamp}.json").write_text(json.dumps(raw, indent=2, default=str))
     (results / f"bench-{stamp}.md").write_text(text + "\n")
-    if not (args.no_readme or args.only):
-        write_readme(text)
+    if not (args.no_write or args.only):
+        write_table(text)
     if any(row.errors for row in rows):
         print("some requests failed: the figures above are not valid", file=sys.stderr)
         return 2

@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "e2e")]
+sys.path[:0] = [str(ROOT)]
 
 WARMUP = 50
 PASSWORD = "correct horse battery staple 9"
@@ -64,7 +64,7 @@ def child(path: str, requests: int) -> None:
 
 def count(path: str, requests: int, env: dict[str, str], admin_url: str) -> int:
     """Instructions of one child run (callgrind's total), on a database of its own."""
-    from stack import create_database, drop_database
+    from devtools.stack import create_database, drop_database
 
     name = f"authapp_instr_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     env = {**env, "DATABASE_URL": create_database(admin_url, name)}

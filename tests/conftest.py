@@ -9,7 +9,9 @@ id in their name and are dropped at the end.
 
 from __future__ import annotations
 
+import io
 import itertools
+import json
 import logging
 import os
 import shutil
@@ -23,11 +25,13 @@ import flask_migrate
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from helpers import PASSWORD, TEST_DATABASE_URL, admin_connection, base_settings
+from helpers import PASSWORD, TEST_DATABASE_URL, base_settings
 from sqlalchemy.engine import make_url
 
 from authapp import create_app
 from authapp.extensions import db
+from authapp.observability.logs import make_handler
+from devtools.postgres import admin_connection
 
 _counter = itertools.count()
 
@@ -202,12 +206,12 @@ def tokens(register) -> dict[str, Any]:
 
 @pytest.fixture
 def later(monkeypatch) -> Callable[[int], None]:
-    """Move the auth service's clock forward by some seconds (tokens keep the real clock)."""
-    from authapp.auth import service
+    """Move the service's clock forward by some seconds (PyJWT keeps the real clock)."""
+    from authapp import clock
 
     def move(seconds: int) -> None:
-        real = service.utcnow
-        monkeypatch.setattr(service, "utcnow", lambda: real() + timedelta(seconds=seconds))
+        real = clock.now
+        monkeypatch.setattr(clock, "now", lambda: real() + timedelta(seconds=seconds))
 
     return move
 
@@ -219,6 +223,17 @@ def pg_database_url(request, tmp_path) -> Iterator[str]:
         pytest.skip("PostgreSQL skipped: TEST_DATABASE_URL not set")
     with fresh_database("postgresql", request, tmp_path) as url:
         yield url
+
+
+@pytest.fixture
+def log_lines():
+    """Everything the app logs during the test, as parsed JSON objects."""
+    stream = io.StringIO()
+    handler = make_handler(stream)
+    logger = logging.getLogger("authapp")
+    logger.addHandler(handler)
+    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
+    logger.removeHandler(handler)
 
 
 # -- Every request reaches the database through unit_of_work() -----------------------

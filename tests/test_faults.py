@@ -33,7 +33,6 @@ from helpers import (
     PASSWORD,
     TIMESTAMP_RE,
     UUID_RE,
-    TcpProxy,
     assert_error,
     base_settings,
     bearer,
@@ -51,6 +50,7 @@ from authapp.errors import ServiceUnavailable
 from authapp.extensions import db
 from authapp.models import User
 from config import ConfigError, load_settings
+from devtools.proxy import TcpProxy
 
 FAULT_SETTINGS = {
     "CIRCUIT_BREAKER_THRESHOLD": 3,

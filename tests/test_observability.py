@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
-import logging
 
-import pytest
 from helpers import PASSWORD, bearer, sid_of
 
 from authapp.extensions import db
 from authapp.models import User
-from authapp.observability.logs import make_handler
-
-
-@pytest.fixture
-def log_lines():
-    """Everything the app logs during the test, as parsed JSON objects."""
-    stream = io.StringIO()
-    handler = make_handler(stream)
-    logger = logging.getLogger("authapp")
-    logger.addHandler(handler)
-    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
-    logger.removeHandler(handler)
 
 
 def test_request_line_fields(client, tokens, log_lines):

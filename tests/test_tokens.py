@@ -9,11 +9,7 @@ import time
 import jwt
 import pytest
 from helpers import SECRET, assert_error, bearer
-from hypothesis import example, given, settings
-from hypothesis import strategies as st
-from jwt.api_jws import PyJWS
 
-from authapp.auth import pyjwt_speedup
 from authapp.auth.keys import hmac_kid
 
 
@@ -112,51 +108,3 @@ def test_token_of_a_deleted_user_is_invalid(app, client, tokens):
         db.session.delete(db.session.get(User, tokens["user"]["id"]))
         db.session.commit()
     assert_error(client.get("/auth/me", headers=bearer(tokens["access_token"])), 401, "INVALID_TOKEN")
-
-
-# -- PyJWT's segment check at C speed (authapp/auth/pyjwt_speedup.py) ----------------------
-
-SEGMENT_BYTES = st.binary(max_size=24) | st.text(alphabet="AZaz09-_=+/!. \x00é", max_size=24).map(str.encode)
-
-
-def _outcome(function, segment: bytes):
-    try:
-        return ("ok", function(segment, "payload"))
-    except jwt.exceptions.DecodeError as exc:
-        return ("DecodeError", str(exc))
-
-
-@settings(max_examples=3000, deadline=None)
-@given(segment=SEGMENT_BYTES)
-@example(segment=b"!!!!")
-@example(segment=b"eyJ9")
-@example(segment=b"eyJ9=")
-@example(segment=b"eQ==")
-@example(segment=b"eQ===")
-@example(segment=b"eR")  # a non-canonical last character: decodes, but not to itself
-@example(segment=b"e")
-@example(segment=b"ab+/")
-@example(segment=b"")
-def test_the_fast_segment_check_agrees_with_pyjwt(segment):
-    pyjwt_speedup.install()
-    assert pyjwt_speedup.original is not None
-    assert _outcome(pyjwt_speedup.decode_base64url_segment, segment) == _outcome(pyjwt_speedup.original, segment)
-
-
-def test_the_fast_segment_check_is_installed_for_the_pinned_pyjwt(app):
-    assert jwt.__version__ == pyjwt_speedup.WRITTEN_FOR, "requirements.txt pins the release it was written for"
-    assert PyJWS.__dict__["_decode_base64url_segment"].__func__ is pyjwt_speedup.decode_base64url_segment
-    assert pyjwt_speedup.BASE64URL_ALPHABET == jwt.api_jws._BASE64URL_ALPHABET
-
-
-def test_the_fast_segment_check_stays_out_of_other_pyjwt_releases(app, monkeypatch):
-    own = pyjwt_speedup.original
-    assert own is not None
-    monkeypatch.setattr(PyJWS, "_decode_base64url_segment", staticmethod(own))
-    monkeypatch.setattr(jwt, "__version__", "9.9.9")
-    assert pyjwt_speedup.install() is False
-    assert PyJWS.__dict__["_decode_base64url_segment"].__func__ is own
-    # A release without the private function: no error, nothing installed.
-    monkeypatch.setattr(jwt, "__version__", pyjwt_speedup.WRITTEN_FOR)
-    monkeypatch.delattr(PyJWS, "_decode_base64url_segment")
-    assert pyjwt_speedup.install() is False

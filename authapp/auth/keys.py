@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import jwt
 from cryptography.exceptions import InvalidTag
@@ -227,7 +227,7 @@ def _load_key_set(config: dict[str, Any]) -> KeySet:
         jwk = json.loads(row.public_jwk)
         verifier = PyJWK(jwk, algorithm=algorithm)
         if row.state == ACTIVE:
-            private = unseal(row.private_key_sealed, row.kid, algorithm, config)
+            private = unseal(row.private_key_sealed or b"", row.kid, algorithm, config)
             key = signing = Key(row.kid, algorithm, ACTIVE, verifier, signer=private, jwk=jwk)
         else:
             key = Key(row.kid, algorithm, STANDBY, verifier, jwk=jwk)
@@ -240,7 +240,12 @@ class KeyRing:
     """One app's key set in this process, re-read when it is older than the reload interval."""
 
     def __init__(self, app: Flask) -> None:
-        self.config = app.config
+        # What the keys need of the configuration, taken once at set-up.
+        self.config = {
+            name: app.config.get(name)
+            for name in ("JWT_ALGORITHM", "JWT_SECRET_KEY", "JWT_PREVIOUS_SECRET_KEYS", "JWT_KEYS_RELOAD_SECONDS")
+        }
+        self.longest_token = max(app.config["JWT_ACCESS_TOKEN_EXPIRES"], app.config["JWT_REFRESH_TOKEN_EXPIRES"])
         self.algorithm = app.config["JWT_ALGORITHM"]
         self.asymmetric = self.algorithm in ASYMMETRIC_ALGORITHMS
         self.interval = app.config["JWT_KEYS_RELOAD_SECONDS"]
@@ -310,7 +315,7 @@ def signing_key() -> Key:
     return signing
 
 
-def _refuse(reason: str) -> None:
+def _refuse(reason: str) -> NoReturn:
     raise jwt.InvalidTokenError(reason)
 
 
@@ -385,7 +390,7 @@ def _now() -> datetime:
 
 
 def _require_asymmetric() -> str:
-    algorithm = current_app.config["JWT_ALGORITHM"]
+    algorithm = ring().algorithm
     if algorithm in HMAC_ALGORITHMS:
         raise KeyStateError(
             f"JWT_ALGORITHM={algorithm} signs with JWT_SECRET_KEY; signing keys are for "
@@ -405,7 +410,7 @@ def generate(*, activate: bool = False) -> KeyInfo:
         algorithm=algorithm,
         state=STANDBY,
         public_jwk=json.dumps(jwk, separators=(",", ":")),
-        private_key_sealed=seal(private, jwk["kid"], algorithm, current_app.config),
+        private_key_sealed=seal(private, jwk["kid"], algorithm, ring().config),
         created_at=now,
     )
     with unit_of_work() as db:
@@ -449,7 +454,7 @@ def retire_key(kid: str, *, force: bool = False) -> KeyInfo:
     Refused for the active key, and for a key that signed tokens which may still be
     unexpired (unless `force`: a compromised key, whose users must log in again)."""
     now = _now()
-    longest = max(current_app.config["JWT_ACCESS_TOKEN_EXPIRES"], current_app.config["JWT_REFRESH_TOKEN_EXPIRES"])
+    longest = ring().longest_token
     with unit_of_work() as db:
         row = db.get(SigningKey, kid)
         if row is None:

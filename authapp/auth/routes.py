@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import wraps
 from http import HTTPStatus
+from typing import Any
 
-from flask import g
-from flask_jwt_extended import current_user, jwt_required
+from flask import g, request
+from flask_jwt_extended import get_jwt, verify_jwt_in_request
 from marshmallow import Schema
 
 from .. import ratelimit
@@ -22,7 +24,10 @@ from ..schemas import (
     TokenResponseSchema,
     UserSchema,
 )
-from . import service
+from . import accounts, context, sessions
+from . import login as login_flow
+from . import refresh as refresh_flow
+from .context import Client
 
 blp = Blueprint("auth", __name__, url_prefix="/auth", description="Registration, login, tokens and sessions")
 
@@ -47,11 +52,23 @@ def json_body(schema: type[Schema], *, required: bool = True) -> Callable:
     return decorate
 
 
+def client() -> Client:
+    """The caller as this request shows it: the address nginx saw, and the user agent."""
+    return Client(ip=request.remote_addr, user_agent=(request.user_agent.string or "")[:255] or None)
+
+
 def authenticated(view: Callable) -> Callable:
-    """Require a live access token, and document the bearer scheme and its 401."""
-    view = errors(401)(view)
-    view = blp.doc(security=BEARER)(view)
-    return jwt_required()(view)
+    """Require a live access token and pass its `auth` context to the view; document the
+    bearer scheme and its 401."""
+    view = blp.doc(security=BEARER)(errors(401)(view))
+
+    @wraps(view)
+    def check_token(*args: Any, **kwargs: Any) -> Any:
+        verify_jwt_in_request()
+        auth = g.auth = context.authenticate(get_jwt())
+        return view(*args, auth=auth, **kwargs)
+
+    return check_token
 
 
 @blp.post("/register")
@@ -61,7 +78,7 @@ def authenticated(view: Callable) -> Callable:
 @errors(409, 429)
 def register(data):
     """Create an account and start a session."""
-    return service.register(**data)
+    return accounts.register(**data, client=client())
 
 
 @blp.post("/login")
@@ -71,7 +88,7 @@ def register(data):
 @errors(401, 429)
 def login(data):
     """Log in by email or by username; starts a session."""
-    return service.login(**data)
+    return login_flow.login(**data, client=client())
 
 
 @blp.post("/refresh")
@@ -81,32 +98,32 @@ def login(data):
 @errors(401, 429)
 def refresh(data):
     """Rotate a refresh token: a new access and refresh token in the same session."""
-    return service.refresh(data["refresh_token"])
+    return refresh_flow.refresh(data["refresh_token"])
 
 
 @blp.get("/me")
 @authenticated
 @blp.response(200, UserSchema)
-def me():
+def me(auth):
     """The user the access token belongs to."""
-    return current_user._get_current_object()  # dumped field by field: not through the proxy
+    return auth.user
 
 
 @blp.post("/logout")
 @authenticated
 @json_body(LogoutSchema, required=False)
 @blp.response(204)
-def logout(data):
+def logout(data, auth):
     """End this session (its access and refresh tokens), and the given refresh token's."""
-    service.logout(current_user, g.session_id, data.get("refresh_token"))
+    sessions.logout(auth, data.get("refresh_token"))
 
 
 @blp.post("/logout-all")
 @authenticated
 @blp.response(204)
-def logout_all():
+def logout_all(auth):
     """End every session of the user."""
-    service.logout_all(current_user, g.session_id)
+    sessions.end_all(auth.user_id, sessions.LOGOUT_ALL, sid=auth.session_id)
 
 
 @blp.post("/change-password")
@@ -115,23 +132,23 @@ def logout_all():
 @json_body(ChangePasswordSchema)
 @blp.response(200, TokenResponseSchema)
 @errors(429)
-def change_password(data):
+def change_password(data, auth):
     """Change the password (the current one is required); ends every other session."""
-    return service.change_password(current_user, g.session_id, **data)
+    return login_flow.change_password(auth, client(), **data)
 
 
 @blp.get("/sessions")
 @authenticated
 @blp.response(200, SessionListSchema)
-def sessions():
+def list_sessions(auth):
     """The user's live sessions."""
-    return {"sessions": service.list_sessions(current_user, g.session_id)}
+    return {"sessions": sessions.list_live(auth)}
 
 
 @blp.delete("/sessions/<uuid:session_id>")
 @authenticated
 @blp.response(204)
 @errors(404)
-def delete_session(session_id):
+def delete_session(session_id, auth):
     """Revoke one of the user's sessions."""
-    service.delete_session(current_user, str(session_id), g.session_id)
+    sessions.delete_session(auth, str(session_id))

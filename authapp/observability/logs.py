@@ -7,16 +7,20 @@ import re
 import sys
 from typing import IO
 
-from flask import g, has_request_context
+from flask import g, has_request_context, request
 from pythonjsonlogger.orjson import OrjsonFormatter
 
 
 class RequestContextFilter(logging.Filter):
-    """Adds the current request id to every record logged during a request."""
+    """Adds the current request id, and the client address, to every record logged during
+    a request."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        in_request = has_request_context()
         if not hasattr(record, "request_id"):
-            record.request_id = g.get("request_id") if has_request_context() else None
+            record.request_id = g.get("request_id") if in_request else None
+        if in_request and not hasattr(record, "client_addr"):
+            record.client_addr = request.remote_addr
         return True
 
 
@@ -69,11 +73,6 @@ LOGGERS = ("authapp", "flask-limiter")
 
 def configure(level: str) -> None:
     """Send our loggers to stderr as JSON lines; safe to call once per app."""
-    # Our lines show no source line, thread or process name: don't collect them for every
-    # record (https://docs.python.org/3/howto/logging.html#optimization).
-    logging.logThreads = False
-    logging.logMultiprocessing = False
-    logging._srcfile = None
     for name in LOGGERS:
         logger = logging.getLogger(name)
         logger.setLevel(level)

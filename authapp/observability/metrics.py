@@ -16,17 +16,24 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask, Response, current_app, g, request
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    values,
+)
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from .. import audit, database
 from ..breaker import State
-from ..database import breaker
 from ..extensions import db
 from ..openapi import Blueprint
 
@@ -64,189 +71,200 @@ def _use_uwsgi_worker_ids() -> None:
     instances apart.
     """
     try:
-        import uwsgi  # type: ignore[import-not-found]  # present only inside uWSGI
+        import uwsgi  # present only inside uWSGI
     except ImportError:
         return
     values.ValueClass = values.MultiProcessValue(process_identifier=lambda: f"w{uwsgi.worker_id()}")
 
 
-@dataclass(frozen=True)
-class Instruments:
-    requests: Counter
-    duration: Histogram
-    auth_events: Counter
-    pool_in_use: Gauge
-    pool_open: Gauge
-    pool_size: Gauge
-    breaker_state: Gauge
+class Metrics:
+    """The app's Prometheus instruments and what it must remember between requests: the
+    label of each route, the two series of each label set (two dict lookups per request
+    instead of two `labels()` calls), and the breaker state and pool usage it last wrote.
 
+    Each app has a registry of its own; in multiprocess mode the values live in the
+    directory's files and a scrape adds those up instead (`render`).
+    """
 
-_instruments: Instruments | None = None
-
-
-def instruments() -> Instruments:
-    """This process's metrics, made at the first call (after the settings were checked)."""
-    global _instruments
-    if _instruments is None:
+    def __init__(self, app: Flask) -> None:
         if multiprocess_dir() is not None:
             _use_uwsgi_worker_ids()
-        _instruments = Instruments(
-            requests=Counter(
-                "authapp_http_requests",
-                "HTTP requests answered, by method, endpoint (the route's path) and status.",
-                ["method", "endpoint", "status"],
-            ),
-            duration=Histogram(
-                "authapp_http_request_duration_seconds",
-                "Time from the first request hook to the last, by method, endpoint and status.",
-                ["method", "endpoint", "status"],
-                buckets=BUCKETS,
-            ),
-            auth_events=Counter(
-                "authapp_auth_events",
-                "Security events of the audit trail (login_success, login_failure, register, "
-                "refresh, refresh_reuse_detected, ...), with the failure reason when there is one.",
-                ["event", "reason"],
-            ),
-            pool_in_use=Gauge(
-                "authapp_db_pool_connections_in_use",
-                "Database connections checked out of the pool, summed over worker processes.",
-                multiprocess_mode="sum",
-            ),
-            pool_open=Gauge(
-                "authapp_db_pool_connections_open",
-                "Database connections open (in use or idle in the pool), summed over worker processes.",
-                multiprocess_mode="sum",
-            ),
-            pool_size=Gauge(
-                "authapp_db_pool_size",
-                "Connections each worker process's pool keeps (overflow not counted).",
-                multiprocess_mode="max",
-            ),
-            breaker_state=Gauge(
-                "authapp_circuit_breaker_state",
-                "Worker processes whose database circuit breaker is in each state.",
-                ["state"],
-                multiprocess_mode="sum",
-            ),
+        self.breaker = database.breaker_of(app)  # made by database.init_app before
+        self.registry = CollectorRegistry()
+        if multiprocess_dir() is None:  # what prometheus_client's default registry shows
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+            GCCollector(registry=self.registry)
+        registry = self.registry
+        self.requests = Counter(
+            "authapp_http_requests",
+            "HTTP requests answered, by method, endpoint (the route's path) and status.",
+            ["method", "endpoint", "status"],
+            registry=registry,
         )
-        audit.subscribe(_count_audit_event)
+        self.duration = Histogram(
+            "authapp_http_request_duration_seconds",
+            "Time from the first request hook to the last, by method, endpoint and status.",
+            ["method", "endpoint", "status"],
+            buckets=BUCKETS,
+            registry=registry,
+        )
+        self.auth_events = Counter(
+            "authapp_auth_events",
+            "Security events of the audit trail (login_success, login_failure, register, "
+            "refresh, refresh_reuse_detected, ...), with the failure reason when there is one.",
+            ["event", "reason"],
+            registry=registry,
+        )
+        self.pool_in_use = Gauge(
+            "authapp_db_pool_connections_in_use",
+            "Database connections checked out of the pool, summed over worker processes.",
+            multiprocess_mode="sum",
+            registry=registry,
+        )
+        self.pool_open = Gauge(
+            "authapp_db_pool_connections_open",
+            "Database connections open (in use or idle in the pool), summed over worker processes.",
+            multiprocess_mode="sum",
+            registry=registry,
+        )
+        self.pool_size = Gauge(
+            "authapp_db_pool_size",
+            "Connections each worker process's pool keeps (overflow not counted).",
+            multiprocess_mode="max",
+            registry=registry,
+        )
+        self.breaker_state = Gauge(
+            "authapp_circuit_breaker_state",
+            "Worker processes whose database circuit breaker is in each state.",
+            ["state"],
+            multiprocess_mode="sum",
+            registry=registry,
+        )
         for event_name, reason in KNOWN_AUTH_EVENTS:
-            _instruments.auth_events.labels(event_name, reason)
-    return _instruments
+            self.auth_events.labels(event_name, reason)
+        self._endpoints: dict[str, str] = {}
+        self._series: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._next_publish = 0.0
+        # Keyed by pid too: a process forked after a write has files of its own.
+        self._published_breaker: tuple[int, State] | None = None
+        self._published_pool: tuple[int, int, int] | None = None
+        self._write_breaker_state(State.CLOSED)
+
+    # -- Requests -------------------------------------------------------------------------
+
+    def _endpoint_label(self) -> str:
+        """The matched route as OpenAPI writes it (/auth/sessions/{session_id}); bounded, unlike paths."""
+        rule = request.url_rule
+        if rule is None:
+            return UNMATCHED
+        label = self._endpoints.get(rule.rule)
+        if label is None:
+            label = self._endpoints[rule.rule] = _RULE_ARGUMENT.sub(r"{\1}", rule.rule)
+        return label
+
+    def observe(self, response: Response) -> Response:
+        """Count the request and its duration (an after-request hook)."""
+        method = request.method if request.method in _METHODS else "OTHER"
+        key = (method, self._endpoint_label(), str(response.status_code))
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = (self.requests.labels(*key), self.duration.labels(*key))
+        series[0].inc()
+        started = g.get("request_started")
+        now = time.perf_counter()
+        if started is not None:
+            series[1].observe(now - started)
+        if now >= self._next_publish:
+            self._next_publish = now + PUBLISH_INTERVAL_SECONDS
+            self.publish_breaker_state()
+            self.publish_pool_usage()
+        elif database.used_database():
+            # Its connection is back in the pool: so the last request of a burst always
+            # leaves the figures of an idle pool, not those of the burst.
+            self.publish_pool_usage()
+        return response
+
+    def count_audit_event(self, event_name: str, fields: dict[str, Any]) -> None:
+        self.auth_events.labels(event_name, fields.get("reason") or "").inc()
+
+    # -- Database pool --------------------------------------------------------------------
+
+    def publish_pool_usage(self) -> None:
+        """Write this worker's pool usage, read from the pool itself (not counted from pool
+        events, which drift when connections are invalidated, detached or disposed).
+
+        Written after every request that used the database and once a second, and by the
+        scrape, so that a scrape served by one worker sees the others' figures as they
+        were when their last request ended.
+        """
+        pool = db.engine.pool
+        checked_out = getattr(pool, "checkedout", None)
+        checked_in = getattr(pool, "checkedin", None)
+        if not (callable(checked_out) and callable(checked_in)):
+            return
+        in_use = checked_out()
+        current = (os.getpid(), in_use, in_use + checked_in())
+        if self._published_pool != current:
+            self.pool_in_use.set(current[1])
+            self.pool_open.set(current[2])
+            self._published_pool = current
+
+    def publish_pool_size(self) -> None:
+        size = getattr(db.engine.pool, "size", None)
+        if callable(size):
+            self.pool_size.set(size())
+
+    # -- Circuit breaker ------------------------------------------------------------------
+
+    def _write_breaker_state(self, state: State) -> None:
+        current = (os.getpid(), state)
+        if self._published_breaker != current:
+            for candidate in State:
+                self.breaker_state.labels(candidate.value).set(1 if candidate is state else 0)
+            self._published_breaker = current
+
+    def publish_breaker_state(self) -> None:
+        """Write this worker's breaker state when it changed since it was last written.
+
+        Each worker has its own breaker; the state is written at every transition (a
+        listener, `watch_breaker`), and once a second by `observe` (a process forked after
+        the last write has files of its own), so that a scrape served by another worker
+        sees it. Under the breaker's lock, so that a transition cannot come between
+        reading and writing.
+        """
+        self.breaker.with_state(self._write_breaker_state)
+
+    def watch_breaker(self) -> None:
+        """Write every transition of the app's breaker at once. The listener runs under the
+        breaker's lock."""
+        self.breaker.add_listener(lambda _old, new: self._write_breaker_state(new))
+
+    # -- Scrapes --------------------------------------------------------------------------
+
+    def render(self, accept: str) -> Response:
+        """This instance's metrics, every worker process included."""
+        self.publish_breaker_state()
+        self.publish_pool_usage()
+        self.publish_pool_size()
+        directory = multiprocess_dir()
+        registry = self.registry
+        if directory is not None:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=directory)
+        encoder, content_type = choose_encoder(accept)
+        return Response(encoder(registry), headers={"Content-Type": content_type})
 
 
-# -- Requests -----------------------------------------------------------------------------
+def of(app: Flask) -> Metrics:
+    return app.extensions[_EXTENSION]
+
 
 _RULE_ARGUMENT = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
-# Per process: the label of each route, and the two series of each label set, so that a
-# request costs two dict lookups rather than two `labels()` calls (about 7 µs of 14 µs).
-_endpoints: dict[str, str] = {}
-_series: dict[tuple[str, str, str], tuple[Any, Any]] = {}
-
-
-def _endpoint_label() -> str:
-    """The matched route as OpenAPI writes it (/auth/sessions/{session_id}); bounded, unlike paths."""
-    rule = request.url_rule
-    if rule is None:
-        return UNMATCHED
-    label = _endpoints.get(rule.rule)
-    if label is None:
-        label = _endpoints[rule.rule] = _RULE_ARGUMENT.sub(r"{\1}", rule.rule)
-    return label
-
-
 # How often a worker writes its breaker state and pool usage besides every scrape it
 # serves, every breaker transition and (pool usage) every request that used the
 # database: writing them at the end of every request cost more than counting it.
 PUBLISH_INTERVAL_SECONDS = 1.0
-_next_publish = 0.0
-
-
-def _observe(response: Response) -> Response:
-    global _next_publish
-    metrics = instruments()
-    method = request.method if request.method in _METHODS else "OTHER"
-    key = (method, _endpoint_label(), str(response.status_code))
-    series = _series.get(key)
-    if series is None:
-        series = _series[key] = (metrics.requests.labels(*key), metrics.duration.labels(*key))
-    series[0].inc()
-    started = g.get("request_started")
-    now = time.perf_counter()
-    if started is not None:
-        series[1].observe(now - started)
-    if now >= _next_publish:
-        _next_publish = now + PUBLISH_INTERVAL_SECONDS
-        _publish_breaker_state(metrics)
-        _publish_pool_usage(metrics)
-    elif database.used_database():
-        # Its connection is back in the pool: so the last request of a burst always
-        # leaves the figures of an idle pool, not those of the burst.
-        _publish_pool_usage(metrics)
-    return response
-
-
-# -- Auth events ----------------------------------------------------------------------------
-
-
-def _count_audit_event(event_name: str, fields: dict[str, Any]) -> None:
-    instruments().auth_events.labels(event_name, fields.get("reason") or "").inc()
-
-
-# -- Database pool ----------------------------------------------------------------------------
-
-
-def _publish_pool_usage(metrics: Instruments) -> None:
-    """Write this worker's pool usage, read from the pool itself (not counted from pool
-    events, which drift when connections are invalidated, detached or disposed).
-
-    Written by `_observe` after every request that used the database and once a second,
-    and by the scrape, so that a scrape served by one worker sees the others' figures as
-    they were when their last request ended.
-    """
-    pool = db.engine.pool
-    checked_out = getattr(pool, "checkedout", None)
-    checked_in = getattr(pool, "checkedin", None)
-    if not (callable(checked_out) and callable(checked_in)):
-        return
-    in_use = checked_out()
-    current = (os.getpid(), in_use, in_use + checked_in())
-    published = current_app.extensions[_EXTENSION]
-    if published.get("pool") != current:
-        metrics.pool_in_use.set(current[1])
-        metrics.pool_open.set(current[2])
-        published["pool"] = current
-
-
-def _publish_pool_size(metrics: Instruments) -> None:
-    size = getattr(db.engine.pool, "size", None)
-    if callable(size):
-        metrics.pool_size.set(size())
-
-
-# -- Circuit breaker ----------------------------------------------------------------------------
-
-
-def _publish_breaker_state(metrics: Instruments) -> None:
-    """Write this worker's breaker state when it changed since it was last written.
-
-    Each worker has its own breaker; the state is written at every transition (a
-    listener, `watch`), and once a second by `_observe` (a process forked after the last
-    write has files of its own), so that a scrape served by another worker sees it. Under
-    the breaker's lock, so that a transition cannot come between reading and writing.
-    """
-    published = current_app.extensions[_EXTENSION]
-
-    def write(state: State) -> None:
-        # Keyed by pid too: a process forked from one that already published has files of its own.
-        current = (os.getpid(), state)
-        if published.get("breaker_state") != current:
-            for candidate in State:
-                metrics.breaker_state.labels(candidate.value).set(1 if candidate is state else 0)
-            published["breaker_state"] = current
-
-    breaker().with_state(write)
 
 
 # -- The endpoint -------------------------------------------------------------------------------
@@ -266,39 +284,13 @@ blp = Blueprint("metrics", __name__, url_prefix="/metrics", description="Prometh
 def metrics_view() -> Response:
     """Metrics of this instance, every worker process included; nginx serves them on a
     loopback listener only."""
-    metrics = instruments()
-    _publish_breaker_state(metrics)
-    _publish_pool_usage(metrics)
-    _publish_pool_size(metrics)
-    directory = multiprocess_dir()
-    if directory is None:
-        registry = REGISTRY
-    else:
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=directory)
-    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-    return Response(encoder(registry), headers={"Content-Type": content_type})
+    return of(current_app._get_current_object()).render(request.headers.get("Accept", ""))  # type: ignore[attr-defined]
 
 
-def init_app(app: Flask) -> None:
-    """Count every request, and publish this worker's breaker state (closed at start)."""
-    metrics = instruments()
-    for candidate in State:
-        metrics.breaker_state.labels(candidate.value).set(1 if candidate is State.CLOSED else 0)
-    app.extensions[_EXTENSION] = {"breaker_state": (os.getpid(), State.CLOSED)}
-    app.after_request(_observe)
-
-
-def watch_breaker(app: Flask) -> None:
-    """Write every transition of the app's breaker at once (once it exists). The listener
-    runs under the breaker's lock."""
-    metrics = instruments()
-    published = app.extensions[_EXTENSION]
-
-    def transition(_old: State, new: State) -> None:
-        for candidate in State:
-            metrics.breaker_state.labels(candidate.value).set(1 if candidate is new else 0)
-        published["breaker_state"] = (os.getpid(), new)
-
-    with app.app_context():
-        breaker().add_listener(transition)
+def init_app(app: Flask) -> Metrics:
+    """Make the app's metrics, count its audit events, and follow its breaker (which
+    `database.init_app` made before)."""
+    metrics = app.extensions[_EXTENSION] = Metrics(app)
+    audit.subscribe(app, metrics.count_audit_event)
+    metrics.watch_breaker()
+    return metrics

@@ -7,7 +7,7 @@ import re
 import time
 import uuid
 
-from flask import Flask, Response, g, request
+from flask import Response, g, request
 
 log = logging.getLogger("authapp.request")
 
@@ -23,12 +23,14 @@ def _incoming_request_id() -> str | None:
     return raw if _UUID.fullmatch(raw) else None
 
 
-def _start() -> None:
+def start() -> None:
+    """Stamp the request with its start time and its id (the caller's, when well formed)."""
     g.request_started = time.perf_counter()
     g.request_id = _incoming_request_id() or str(uuid.uuid4())
 
 
-def _finish(response: Response) -> Response:
+def finish(response: Response) -> Response:
+    """Send the request id back, and write the request's log line."""
     response.headers[REQUEST_ID_HEADER] = g.get("request_id", "")
     started = g.get("request_started")
     duration_ms = round((time.perf_counter() - started) * 1000, 2) if started else None
@@ -40,13 +42,8 @@ def _finish(response: Response) -> Response:
             "path": request.path,
             "status": response.status_code,
             "duration_ms": duration_ms,
-            "user_id": g.get("user_id"),
+            "user_id": auth.user_id if (auth := g.get("auth")) is not None else None,
             "client_addr": request.remote_addr,
         },
     )
     return response
-
-
-def init_app(app: Flask) -> None:
-    app.before_request(_start)
-    app.after_request(_finish)

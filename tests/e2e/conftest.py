@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from stack import Api, Stack, running_stack
+
+from devtools.stack import Api, Stack, running_stack
 
 E2E = os.environ.get("AUTHAPP_E2E") == "1"
 HERE = Path(__file__).resolve().parent

@@ -10,7 +10,8 @@ import time
 import uuid
 
 from prometheus_client.parser import text_string_to_metric_families
-from stack import PASSWORD, app_log_entry, call
+
+from devtools.stack import PASSWORD, app_log_entry, call
 
 TIMESTAMP_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")

@@ -9,7 +9,8 @@ import subprocess
 import sys
 
 import pytest
-from stack import ROOT
+
+from devtools.stack import ROOT
 
 # The bare route runs before and after each row compared with it.
 ROWS = [
@@ -27,11 +28,11 @@ ROWS = [
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
 def test_the_benchmark_runs_and_every_request_succeeds(admin_url, tmp_path):
-    readme = (ROOT / "README.md").read_text()
+    readme, page = (ROOT / "README.md").read_text(), (ROOT / "docs" / "benchmark.md").read_text()
     quick = ["--seconds", "1", "--warmup", "1", "--instances", "1", "--connections", "4"]
     quick += ["--bcrypt-connections", "2", "--bcrypt-seconds", "1", "--rounds", "4", "--bcrypt-samples", "1"]
     result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench.py"), "--database-url", admin_url, "--no-readme",
+        [sys.executable, str(ROOT / "bench" / "bench.py"), "--database-url", admin_url, "--no-write",
          "--results-dir", str(tmp_path), *quick],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -53,6 +54,7 @@ def test_the_benchmark_runs_and_every_request_succeeds(admin_url, tmp_path):
     assert figures["ceiling"] > 0 and figures["bare_rps"] > 0
     assert figures["log_lines_lost"] == 0
     assert (ROOT / "README.md").read_text() == readme
+    assert (ROOT / "docs" / "benchmark.md").read_text() == page
 
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")

@@ -9,7 +9,8 @@ import subprocess
 import time
 
 import pytest
-from stack import NGINX_CONF, ROOT, UWSGI_INI, Api, find_binary, json_lines, running_stack
+
+from devtools.stack import NGINX_CONF, ROOT, UWSGI_INI, Api, find_binary, json_lines, running_stack
 
 DEPLOY = ROOT / "deploy"
 UNITS = ["authapp@.service", "authapp-prune.service", "authapp-prune.timer"]

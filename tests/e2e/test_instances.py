@@ -10,7 +10,8 @@ import threading
 import time
 
 from prometheus_client.parser import text_string_to_metric_families
-from stack import PASSWORD, UWSGI_INI, Api, call, find_binary, running_stack, traffic
+
+from devtools.stack import PASSWORD, UWSGI_INI, Api, call, find_binary, running_stack, traffic
 
 
 def mixed_requests(api: Api) -> list:

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from helpers import admin_connection
+from .postgres import admin_connection
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 UWSGI_INI = ROOT / "uwsgi.ini"
 NGINX_CONF = ROOT / "nginx.conf"
 STOCK_UWSGI_PARAMS = Path("/etc/nginx/uwsgi_params")

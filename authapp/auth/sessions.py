@@ -1,0 +1,177 @@
+"""Sessions: start one, list them, end one or all, prune the dead ones.
+
+A session is the chain of refresh tokens that rotation produces from one login
+(`auth.refresh`). Ending a session takes effect at once for its access tokens too, since
+every protected request reads the session (`auth.context.authenticate`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, or_, select, update
+from sqlalchemy.orm import Session
+
+from .. import audit, clock, settings
+from ..database import unit_of_work
+from ..errors import AppError, NotFound
+from ..models import AuthSession, RefreshToken
+from . import tokens
+from .context import AuthContext, Client, user_id_of
+
+# Why a session ended, as stored in sessions.revoked_reason.
+LOGOUT = "logout"
+LOGOUT_ALL = "logout_all"
+PASSWORD_CHANGED = "password_changed"
+SESSION_DELETED = "session_deleted"
+REUSE_DETECTED = "refresh_token_reuse"
+ADMIN = "admin"
+USER_DEACTIVATED = "user_deactivated"
+
+
+@dataclass
+class Issued:
+    """A session's newest refresh token, and the `jti` its pair is minted from."""
+
+    session: AuthSession
+    refresh: RefreshToken
+    jti: str
+
+    def pair(self, user: Any) -> dict[str, Any]:
+        """The TokenResponse of this refresh token (the same row always gives the same pair)."""
+        return tokens.mint_pair(user, self.session, self.refresh, self.jti)
+
+
+def start(db: Session, user_id: int, now: datetime, client: Client) -> Issued:
+    """Add a session and its first refresh token to the unit of work."""
+    auth_session = AuthSession(
+        id=str(uuid.uuid4()),
+        user_id=user_id,
+        created_at=now,
+        last_used_at=now,
+        expires_at=now + settings.current().session_lifetime,
+        ip=client.ip,
+        user_agent=client.user_agent,
+    )
+    db.add(auth_session)
+    return Issued(auth_session, *new_refresh_token(db, auth_session, tokens.new_jti(), None, now))
+
+
+def new_refresh_token(
+    db: Session, auth_session: AuthSession, jti: str, parent_id: int | None, now: datetime
+) -> tuple[RefreshToken, str]:
+    """Add a refresh token of `auth_session`; it never outlives the session."""
+    expires = min(now + settings.current().refresh_token_lifetime, auth_session.expires_at)
+    refresh = RefreshToken(
+        session_id=auth_session.id,
+        jti_hash=tokens.jti_hash(jti),
+        parent_id=parent_id,
+        issued_at=now,
+        expires_at=expires,
+    )
+    db.add(refresh)
+    return refresh, jti
+
+
+def revoke(db: Session, reason: str, now: datetime, *conditions: Any) -> int:
+    """Revoke the live sessions matching `conditions`; returns how many."""
+    result = db.execute(
+        update(AuthSession)
+        .where(AuthSession.revoked_at.is_(None), *conditions)
+        .values(revoked_at=now, revoked_reason=reason)
+    )
+    return result.rowcount  # type: ignore[attr-defined]  # a CursorResult for an UPDATE
+
+
+# -- Ending sessions ----------------------------------------------------------------------
+
+
+def logout(auth: AuthContext, refresh_token: str | None = None) -> None:
+    """End the access token's session, and the session of `refresh_token` if it is one of
+    the same user's. A refresh token that is not (garbage, another user's) is ignored:
+    logging out always logs the caller out."""
+    sids = {auth.session_id}
+    if refresh_token is not None:
+        try:
+            claims = tokens.decode_refresh_token(refresh_token, allow_expired=True)
+            if user_id_of(claims) == auth.user_id:
+                sids.add(claims["sid"])
+            else:
+                audit.record(
+                    audit.LOGOUT_TOKEN_IGNORED, user_id=auth.user_id, sid=auth.session_id, reason="another_user"
+                )
+        except AppError:
+            audit.record(audit.LOGOUT_TOKEN_IGNORED, user_id=auth.user_id, sid=auth.session_id, reason="invalid_token")
+    with unit_of_work() as db:
+        revoke(db, LOGOUT, clock.now(), AuthSession.user_id == auth.user_id, AuthSession.id.in_(sids))
+    for ended in sorted(sids):
+        audit.record(audit.LOGOUT, user_id=auth.user_id, sid=ended)
+
+
+def end_all(user_id: int, reason: str, *, sid: str | None = None, by: str | None = None) -> int:
+    """End every live session of a user (logout-all, or an operator); returns how many."""
+    with unit_of_work() as db:
+        count = revoke(db, reason, clock.now(), AuthSession.user_id == user_id)
+    extra = {"by": by} if by else {}
+    audit.record(audit.LOGOUT_ALL, user_id=user_id, sid=sid, sessions_revoked=count, **extra)
+    return count
+
+
+def delete_session(auth: AuthContext, session_id: str) -> None:
+    """Revoke one of the user's live sessions; another user's or an unknown id is 404."""
+    now = clock.now()
+    with unit_of_work() as db:
+        count = revoke(
+            db,
+            SESSION_DELETED,
+            now,
+            AuthSession.id == session_id,
+            AuthSession.user_id == auth.user_id,
+            AuthSession.expires_at > now,
+        )
+    if count == 0:
+        raise NotFound("Session not found")
+    audit.record(audit.SESSION_REVOKED, user_id=auth.user_id, sid=session_id, by_sid=auth.session_id)
+
+
+# -- Listing and pruning ------------------------------------------------------------------
+
+
+def list_live(auth: AuthContext) -> list[dict[str, Any]]:
+    """The user's live sessions, newest first."""
+    now = clock.now()
+    with unit_of_work() as db:
+        rows = db.scalars(
+            select(AuthSession)
+            .where(AuthSession.user_id == auth.user_id, AuthSession.revoked_at.is_(None), AuthSession.expires_at > now)
+            .order_by(AuthSession.created_at.desc(), AuthSession.id)
+        ).all()
+    return [
+        {
+            "id": s.id,
+            "created_at": s.created_at,
+            "last_used_at": s.last_used_at,
+            "expires_at": s.expires_at,
+            "ip": s.ip,
+            "user_agent": s.user_agent,
+            "current": s.id == auth.session_id,
+        }
+        for s in rows
+    ]
+
+
+def prune(revoked_older_than: timedelta) -> tuple[int, int]:
+    """Delete expired sessions, sessions revoked longer ago than `revoked_older_than`, and
+    expired refresh tokens: rows no token can use any more. Returns (sessions, tokens)."""
+    now = clock.now()
+    with unit_of_work() as db:
+        sessions = db.execute(
+            delete(AuthSession).where(
+                or_(AuthSession.expires_at <= now, AuthSession.revoked_at <= now - revoked_older_than)
+            )
+        ).rowcount  # type: ignore[attr-defined]
+        refresh_tokens = db.execute(delete(RefreshToken).where(RefreshToken.expires_at <= now)).rowcount  # type: ignore[attr-defined]
+    return sessions, refresh_tokens

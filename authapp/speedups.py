@@ -1,0 +1,160 @@
+"""Speed-ups of library code on the hot path, in one place, each with a switch.
+
+Each one does what a library already does, for less work per request, and is measured by
+`bench/instructions.py` (instructions per request under callgrind). The setting SPEEDUPS
+turns them on ("all", the default), off ("none"), or names the ones to use
+(comma-separated). Each is tested to be installed and to agree with what it replaces
+(tests/test_speedups.py); one that cannot install (another release of the library than
+it was written for) logs a warning and leaves the library's own code in place.
+
+- `sync_callables`: Flask passes every view and request hook through `Flask.ensure_sync`
+  on every request, which asks `inspect.iscoroutinefunction` each time: nine times for a
+  GET /health/live, a measurable part of a cheap request. Flask documents this method as
+  the one to override; the answer is remembered per callable, per app.
+- `lean_log_records`: the logging module collects the thread, the process and the source
+  line of every record; our JSON lines show none of them
+  (https://docs.python.org/3/howto/logging.html#optimization). Process-wide.
+- `pyjwt_segments`: PyJWT 2.15 refuses a segment holding a byte outside the base64url
+  alphabet (GHSA-hxm8-2xgr-2p9m) by testing each byte in a Python generator;
+  flask-jwt-extended reads every access token twice and its header twice, so on a
+  protected request that check alone cost more than the token's HMAC and claims together
+  (cProfile: 2.9 million generator steps for 2,000 GET /auth/me). Here the same check is
+  one `bytes.translate` call, which deletes the alphabet's bytes and leaves whatever else
+  the segment holds; the rest of PyJWT's function is unchanged. It replaces a private
+  method, so it installs only over the PyJWT release it was written from (requirements.txt
+  pins it). Process-wide.
+"""
+
+from __future__ import annotations
+
+import binascii
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import jwt
+from flask import Flask
+from jwt.exceptions import DecodeError
+from jwt.utils import base64url_decode, base64url_encode
+
+log = logging.getLogger("authapp.speedups")
+
+NAMES = ("sync_callables", "lean_log_records", "pyjwt_segments")
+
+# -- sync_callables -----------------------------------------------------------------------
+
+
+def cache_sync_callables(app: Flask) -> bool:
+    """Remember `app.ensure_sync`'s answer for each view and hook (a fixed set)."""
+    flask_ensure_sync = app.ensure_sync
+    cached: dict[Any, Callable[..., Any]] = {}
+
+    def ensure_sync(func: Callable[..., Any]) -> Callable[..., Any]:
+        try:
+            return cached[func]
+        except KeyError:
+            wrapped = flask_ensure_sync(func)
+            if len(cached) < 1024:
+                cached[func] = wrapped
+            return wrapped
+        except TypeError:  # an unhashable callable
+            return flask_ensure_sync(func)
+
+    app.ensure_sync = ensure_sync  # type: ignore[method-assign]
+    return True
+
+
+# -- lean_log_records ---------------------------------------------------------------------
+
+_LOGGING_DEFAULTS = {"logThreads": logging.logThreads, "logMultiprocessing": logging.logMultiprocessing}
+_SRCFILE = logging._srcfile
+
+
+def lean_log_records(on: bool = True) -> bool:
+    """Stop (or, with on=False, resume) collecting what our log lines never show."""
+    logging.logThreads = not on and _LOGGING_DEFAULTS["logThreads"]
+    logging.logMultiprocessing = not on and _LOGGING_DEFAULTS["logMultiprocessing"]
+    logging._srcfile = None if on else _SRCFILE
+    return True
+
+
+# -- pyjwt_segments -----------------------------------------------------------------------
+
+WRITTEN_FOR = "2.15.1"
+# PyJWT 2.15.1's jwt.api_jws._BASE64URL_ALPHABET (tests/test_speedups.py compares them).
+BASE64URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+# PyJWT's own function, once `pyjwt_segments()` has replaced it.
+original: Callable[[bytes, str], bytes] | None = None
+
+
+def decode_base64url_segment(segment: bytes, name: str) -> bytes:
+    """PyJWS._decode_base64url_segment of PyJWT 2.15.1, with its alphabet test in C."""
+    # Accept trailing '=' used by some issuers (e.g. AWS ALB). Still
+    # reject non-alphabet junk such as '!!!!' (GHSA-hxm8-2xgr-2p9m).
+    padding = 0
+    stripped = segment
+    while stripped.endswith(b"="):
+        stripped = stripped[:-1]
+        padding += 1
+        if padding > 2:
+            raise DecodeError(f"Invalid {name} padding")
+
+    if padding and len(segment) % 4 != 0:
+        raise DecodeError(f"Invalid {name} padding")
+
+    if len(stripped) % 4 == 1 or stripped.translate(None, BASE64URL_ALPHABET):
+        raise DecodeError(f"Invalid {name} padding")
+
+    try:
+        decoded = base64url_decode(stripped)
+    except (TypeError, binascii.Error) as err:
+        raise DecodeError(f"Invalid {name} padding") from err
+
+    if base64url_encode(decoded) != stripped:
+        raise DecodeError(f"Invalid {name} padding")
+
+    return decoded
+
+
+def pyjwt_segments(on: bool = True) -> bool:
+    """Put the C-speed check in PyJWT's place (or, with on=False, PyJWT's own back); True
+    when the wanted one is there."""
+    global original
+    if jwt.__version__ != WRITTEN_FOR:
+        return not on
+    try:
+        from jwt.api_jws import PyJWS
+
+        current = PyJWS.__dict__["_decode_base64url_segment"].__func__
+    except (ImportError, KeyError, AttributeError):
+        return not on
+    if current is not decode_base64url_segment:
+        original = current
+    if on:
+        PyJWS._decode_base64url_segment = staticmethod(decode_base64url_segment)  # type: ignore[method-assign]
+    elif original is not None:
+        PyJWS._decode_base64url_segment = staticmethod(original)  # type: ignore[method-assign,assignment]
+    return True
+
+
+# -- Switching them -----------------------------------------------------------------------
+
+
+def install(app: Flask, wanted: tuple[str, ...]) -> dict[str, bool]:
+    """Turn on the speed-ups named in `wanted` and off the others; returns which are on.
+    One that could not be installed is logged, and the library's own code stays."""
+    installed = {"sync_callables": "sync_callables" in wanted and cache_sync_callables(app)}
+    # Process-wide ones are switched both ways, so that an app made without them gets the
+    # library's own code back.
+    for name, switch in (("lean_log_records", lean_log_records), ("pyjwt_segments", pyjwt_segments)):
+        on = name in wanted
+        installed[name] = switch(on) and on
+    for name in wanted:
+        if not installed[name]:
+            log.warning(
+                "speed-up %s not installed (written for another library release); the library's own code runs",
+                name,
+                extra={"event": "speedup_not_installed", "speedup": name},
+            )
+    app.extensions["authapp.speedups"] = installed
+    return installed
