@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import jwt
 from cryptography.exceptions import InvalidTag
@@ -227,7 +227,7 @@ def _load_key_set(config: dict[str, Any]) -> KeySet:
         jwk = json.loads(row.public_jwk)
         verifier = PyJWK(jwk, algorithm=algorithm)
         if row.state == ACTIVE:
-            private = unseal(row.private_key_sealed, row.kid, algorithm, config)
+            private = unseal(row.private_key_sealed or b"", row.kid, algorithm, config)
             key = signing = Key(row.kid, algorithm, ACTIVE, verifier, signer=private, jwk=jwk)
         else:
             key = Key(row.kid, algorithm, STANDBY, verifier, jwk=jwk)
@@ -310,7 +310,7 @@ def signing_key() -> Key:
     return signing
 
 
-def _refuse(reason: str) -> None:
+def _refuse(reason: str) -> NoReturn:
     raise jwt.InvalidTokenError(reason)
 
 
