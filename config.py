@@ -17,10 +17,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 ENVIRONMENTS = ("development", "staging", "production", "testing")
-JWT_ALGORITHMS = ("HS256", "HS384", "HS512")
+HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
+# Signed with a key pair kept in the database (authapp/auth/keys.py); see docs/signing-keys.md.
+ASYMMETRIC_ALGORITHMS = ("RS256", "ES256", "EdDSA")
+JWT_ALGORITHMS = HMAC_ALGORITHMS + ASYMMETRIC_ALGORITHMS
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-# RFC 7518 3.2: an HMAC key at least as long as the hash output.
-MIN_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+# RFC 7518 3.2: an HMAC key at least as long as the hash output. With a key pair the
+# secret still derives the key that encrypts the private parts at rest.
+MIN_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64, "RS256": 32, "ES256": 32, "EdDSA": 32}
 _RATE_LIMIT = re.compile(r"^\s*\d+\s*(/|per)\s*\d*\s*(second|minute|hour|day)s?\s*$", re.I)
 
 
@@ -50,6 +54,22 @@ def _choice(options: tuple[str, ...], *, upper: bool = False) -> Callable[[str, 
         return value
 
     return parse
+
+
+def _algorithm(name: str, raw: str) -> str:
+    by_upper = {algorithm.upper(): algorithm for algorithm in JWT_ALGORITHMS}
+    value = by_upper.get(raw.strip().upper())
+    if value is None:
+        raise ConfigError(f"{name} must be one of {', '.join(JWT_ALGORITHMS)}, got {raw!r}")
+    return value
+
+
+def _secret_list(name: str, raw: str) -> list[str]:
+    secrets_ = [part.strip() for part in raw.split(",") if part.strip()]
+    for position, secret in enumerate(secrets_, start=1):
+        if len(secret.encode()) < 32:
+            raise ConfigError(f"{name}: secret number {position} is shorter than 32 bytes")
+    return secrets_
 
 
 def _bool(name: str, raw: str) -> bool:
@@ -171,7 +191,12 @@ SETTINGS: dict[str, tuple[Callable[[str, str], Any], str | None]] = {
     # `flask db upgrade` connects here when set (a direct URL beside a pooler's).
     "MIGRATION_DATABASE_URL": (_database_url, None),
     "JWT_SECRET_KEY": (_text, None),
-    "JWT_ALGORITHM": (_choice(JWT_ALGORITHMS, upper=True), "HS256"),
+    "JWT_ALGORITHM": (_algorithm, "HS256"),
+    # Older values of JWT_SECRET_KEY, newest first: they still verify HS* tokens, follow
+    # refresh-token chains and decrypt stored signing keys (docs/signing-keys.md).
+    "JWT_PREVIOUS_SECRET_KEYS": (_secret_list, ""),
+    # How often each process re-reads the signing keys from the database.
+    "JWT_KEYS_RELOAD_SECONDS": (_int(1, 3600), "60"),
     "JWT_ISSUER": (_text, "authapp"),
     "JWT_AUDIENCE": (_text, "authapp"),
     "ACCESS_TOKEN_EXPIRE_MINUTES": (_int(1, 24 * 60), "30"),
@@ -347,6 +372,10 @@ def build_flask_config(settings: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"JWT_SECRET_KEY is required when ENVIRONMENT={env}")
         secret, generated = secrets.token_urlsafe(64), True
     algorithm = settings["JWT_ALGORITHM"]
+    if generated and algorithm in ASYMMETRIC_ALGORITHMS and env != "testing":
+        # The secret encrypts the private keys in the database: a random one would leave
+        # them unreadable after a restart.
+        raise ConfigError(f"JWT_SECRET_KEY is required with JWT_ALGORITHM={algorithm}")
     minimum = MIN_SECRET_BYTES[algorithm]
     if not generated and len(secret.encode()) < minimum:
         raise ConfigError(f"JWT_SECRET_KEY must be at least {minimum} bytes long for {algorithm}")

@@ -1,8 +1,10 @@
 """WSGI entry point: `uwsgi --ini uwsgi.ini` (module = wsgi:app) or `flask --app wsgi run`."""
 
+import os
 import sys
 
 from authapp import create_app
+from authapp.auth.keys import require_signing_key
 from config import ConfigError
 
 # uWSGI's exit status for "the app failed to load": with need-app and lazy-apps
@@ -12,6 +14,10 @@ UWSGI_FAILED_APP_CODE = 22
 
 try:
     app = create_app()
+    # The servers' start (uWSGI, gunicorn...), not `flask --app wsgi keys generate` and the
+    # other commands, which must run before any key exists.
+    if os.environ.get("FLASK_RUN_FROM_CLI") != "true":
+        require_signing_key(app)
 except ConfigError as exc:
     sys.stderr.write(f"authapp: configuration error: {exc}\n")
     try:

@@ -12,7 +12,7 @@ from flask import Flask
 from config import build_flask_config, load_settings
 
 from . import cli, database, errors, health, mail, openapi, ratelimit, security, settings, speedups, startup
-from .auth import routes, tokens
+from .auth import jwks, keys, routes, tokens
 from .extensions import cors, db, jwt, migrate
 from .observability import logs, metrics, requests
 from .version import __version__
@@ -55,6 +55,7 @@ def register_extensions(app: Flask) -> None:
     metrics.init_app(app)
     migrate.init_app(app, db, directory=MIGRATIONS_DIR, render_as_batch=True)
     jwt.init_app(app)
+    keys.init_app(app, jwt)
     tokens.init_app(jwt)
     ratelimit.init_app(app)
     mail.init_app(app)
@@ -73,6 +74,7 @@ def register_blueprints(app: Flask) -> None:
     api = openapi.Api()
     openapi.init_app(app, api)
     api.register_blueprint(routes.blp)
+    api.register_blueprint(jwks.blp)
     api.register_blueprint(health.blp)
     api.register_blueprint(metrics.blp)
 

@@ -1,4 +1,5 @@
-"""`flask` commands for operators: `flask users ...` and `flask sessions ...`.
+"""`flask` commands for operators: `flask users ...`, `flask sessions ...` and `flask keys ...`
+(authapp/keys_cli.py).
 
 Each command exits 0 on success and 1 with one clear line on error.
 """
@@ -17,7 +18,7 @@ from flask.cli import AppGroup
 from marshmallow import ValidationError
 from sqlalchemy.exc import DBAPIError
 
-from . import clock, ratelimit
+from . import clock, keys_cli, ratelimit
 from .auth import accounts, links
 from .auth import sessions as auth_sessions
 from .clock import iso
@@ -233,3 +234,4 @@ def init_app(app: Flask) -> None:
     app.cli.add_command(sessions)
     app.cli.add_command(tokens)
     app.cli.add_command(mail_cli.mail)
+    app.cli.add_command(keys_cli.group)

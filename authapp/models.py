@@ -5,7 +5,21 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Boolean, DateTime, ForeignKey, Index, Integer, String, Text, func, true, types
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    func,
+    text,
+    true,
+    types,
+)
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from . import clock
@@ -182,4 +196,36 @@ class OutboxMessage(Model):
     __table_args__ = (
         Index("ix_mail_outbox_due", "status", "next_attempt_at"),
         Index("ix_mail_outbox_recipient", "recipient_key", "kind", "created_at"),
+    )
+
+
+class SigningKey(Model):
+    """A key pair that signs or verifies tokens (RS256, ES256, EdDSA); `kid` is its RFC 7638
+    thumbprint. The private part is stored only encrypted (authapp/auth/keys.py)."""
+
+    __tablename__ = "signing_keys"
+
+    kid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    algorithm: Mapped[str] = mapped_column(String(16), nullable=False)
+    # standby (published, verifies), active (also signs: exactly one), retired (neither)
+    state: Mapped[str] = mapped_column(String(16), nullable=False)
+    public_jwk: Mapped[str] = mapped_column(Text, nullable=False)
+    # None once retired: a retired key never signs again.
+    private_key_sealed: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    activated_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # When it last stopped signing (another key was activated): tokens it signed live on
+    # until their own expiry, so retiring it earlier logs users out.
+    deactivated_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    __table_args__ = (
+        CheckConstraint("state IN ('standby', 'active', 'retired')", name="ck_signing_keys_state"),
+        Index(
+            "uq_signing_keys_one_active",
+            "state",
+            unique=True,
+            sqlite_where=text("state = 'active'"),
+            postgresql_where=text("state = 'active'"),
+        ),
     )

@@ -45,6 +45,10 @@ class Settings:
     mail_templates_dir: str | None
     mail_timeout: int  # seconds, each step of an SMTP conversation
     mail_give_up_after: timedelta
+    # JWT_PREVIOUS_SECRET_KEYS: chains begun before JWT_SECRET_KEY changed (auth.tokens).
+    previous_token_derivation_keys: tuple[bytes, ...]
+    token_issuer: str
+    token_audience: str
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Settings:
@@ -72,6 +76,9 @@ class Settings:
             mail_templates_dir=config["MAIL_TEMPLATES_DIR"],
             mail_timeout=config["MAIL_TIMEOUT"],
             mail_give_up_after=timedelta(hours=config["MAIL_GIVE_UP_HOURS"]),
+            previous_token_derivation_keys=tuple(s.encode() for s in config.get("JWT_PREVIOUS_SECRET_KEYS", [])),
+            token_issuer=config["JWT_ISSUER"],
+            token_audience=config["JWT_AUDIENCE"],
         )
 
     def __repr__(self) -> str:  # never shows the derivation key

@@ -283,6 +283,7 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
     database_url = create_database(args.database_url, database)
     workdir = Path(tempfile.mkdtemp(prefix="authapp-bench-"))
     env = {"BCRYPT_ROUNDS": str(args.rounds), "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "INFO")}
+    env["JWT_ALGORITHM"] = args.algorithm
     overrides: tuple[str, ...] = ()
     for option in args.uwsgi_option:
         name, _, value = option.partition("=")
@@ -329,12 +330,14 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
         login = lua_string(json.dumps({"username": user, "password": PASSWORD}))
         prefix = lua_string("r" + uuid.uuid4().hex[:6])
 
+        signed = "" if args.algorithm == "HS256" else f" ({args.algorithm})"
+
         def bare_row(n: int) -> tuple[Row, Stack, dict]:
             return Row(f"bare Flask route ({n})", "/", fast), bare, {}
 
         fast_rows = [
             (Row("GET /health/live", "/health/live", fast), app, {}),
-            (Row("GET /auth/me", "/auth/me", fast), app, {"headers": {"Authorization": f"Bearer {access}"}}),
+            (Row(f"GET /auth/me{signed}", "/auth/me", fast), app, {"headers": {"Authorization": f"Bearer {access}"}}),
             (
                 Row("POST /auth/refresh", "/auth/refresh", fast),
                 app,
@@ -516,6 +519,12 @@ def main(argv: list[str] | None = None) -> int:
         help="override a uwsgi.ini option in both stacks, e.g. threads=1 (repeatable)",
     )
     parser.add_argument("--rounds", type=int, default=12, help="BCRYPT_ROUNDS (default 12, production's)")
+    parser.add_argument(
+        "--algorithm",
+        default="HS256",
+        choices=["HS256", "HS384", "HS512", "RS256", "ES256", "EdDSA"],
+        help="JWT_ALGORITHM of the app (default HS256); e.g. --algorithm EdDSA --only /auth/me",
+    )
     parser.add_argument("--bcrypt-samples", type=int, default=5)
     parser.add_argument(
         "--only",

@@ -13,7 +13,7 @@ Two runs under callgrind, with N=0 and N=--requests; the difference divided by N
 app's cost of one request, the PostgreSQL server's work excluded. "/" is the bare Flask
 route of bench/bare.py, the reference of `make bench`.
 
-    .venv/bin/python bench/instructions.py [--requests 400] [PATH ...]
+    .venv/bin/python bench/instructions.py [--requests 400] [--algorithm EdDSA] [PATH ...]
 """
 
 from __future__ import annotations
@@ -69,14 +69,11 @@ def count(path: str, requests: int, env: dict[str, str], admin_url: str) -> int:
     name = f"authapp_instr_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     env = {**env, "DATABASE_URL": create_database(admin_url, name)}
     try:
-        subprocess.run(
-            [str(Path(sys.executable).parent / "flask"), "--app", "wsgi", "db", "upgrade"],
-            cwd=ROOT,
-            env=env,
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
+        flask = [str(Path(sys.executable).parent / "flask"), "--app", "wsgi"]
+        subprocess.run([*flask, "db", "upgrade"], cwd=ROOT, env=env, check=True, capture_output=True, timeout=120)
+        if not env["JWT_ALGORITHM"].startswith("HS"):  # a key pair algorithm: a first signing key
+            generate = [*flask, "keys", "generate", "--activate"]
+            subprocess.run(generate, cwd=ROOT, env=env, check=True, capture_output=True, timeout=120)
         with tempfile.TemporaryDirectory() as tmp:
             done = subprocess.run(
                 [
@@ -108,6 +105,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="*", default=["/", "/health/live", "/auth/me"])
     parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--algorithm", default="HS256", help="JWT_ALGORITHM (default HS256; RS256, ES256, EdDSA...)")
     parser.add_argument(
         "--database-url",
         default=os.environ.get("BENCH_DATABASE_URL")
@@ -128,11 +126,13 @@ def main() -> int:
         "LOG_LEVEL": "INFO",
         "BCRYPT_ROUNDS": "4",
         "PYTHONHASHSEED": "0",  # the same dict and set orders in both runs
+        "JWT_ALGORITHM": args.algorithm,
     }
     for path in args.paths:
         counted = count(path, args.requests, env, args.database_url)
         baseline = count(path, 0, env, args.database_url)
-        print(f"{path}: {(counted - baseline) / args.requests:,.0f} instructions per request", flush=True)
+        per_request = (counted - baseline) / args.requests
+        print(f"{path} ({args.algorithm}): {per_request:,.0f} instructions per request", flush=True)
     return 0
 
 

@@ -279,15 +279,16 @@ class Stack:
         }
 
     def migrate(self) -> None:
-        """The release step of docs/deployment.md: `flask --app wsgi db upgrade`."""
-        subprocess.run(
-            [find_binary("flask"), "--app", "wsgi", "db", "upgrade"],
-            cwd=ROOT,
-            env=self.app_env(),
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
+        """The release step of docs/deployment.md: `flask --app wsgi db upgrade`; with a key pair
+        algorithm, a first signing key too (docs/signing-keys.md)."""
+        flask = [find_binary("flask"), "--app", "wsgi"]
+        options = {"cwd": ROOT, "env": self.app_env(), "check": True, "capture_output": True, "timeout": 120}
+        subprocess.run([*flask, "db", "upgrade"], **options)
+        if self.app_env().get("JWT_ALGORITHM", "HS256").upper().startswith("HS"):
+            return
+        listed = subprocess.run([*flask, "keys", "list"], text=True, **options).stdout
+        if "\tactive\t" not in listed:
+            subprocess.run([*flask, "keys", "generate", "--activate"], **options)
 
     def start_instance(self, number: int) -> Instance:
         instance = self.instance[number]

@@ -38,7 +38,11 @@ def test_defaults():
         ("BCRYPT_ROUNDS", "32"),
         ("ENVIRONMENT", "prod"),
         ("JWT_ALGORITHM", "none"),
-        ("JWT_ALGORITHM", "RS256"),
+        ("JWT_ALGORITHM", "RS512"),
+        ("JWT_ALGORITHM", "PS256"),
+        ("JWT_PREVIOUS_SECRET_KEYS", "short-old-secret"),
+        ("JWT_KEYS_RELOAD_SECONDS", "0"),
+        ("JWT_KEYS_RELOAD_SECONDS", "soon"),
         ("LOG_LEVEL", "LOUD"),
         ("CORS_ORIGINS", "*"),
         ("CORS_ORIGINS", "example.com"),
@@ -149,3 +153,29 @@ def test_redis_storage_gets_timeouts_and_memory_none():
     assert redis["RATELIMIT_STORAGE_OPTIONS"] == {"socket_timeout": 0.1, "socket_connect_timeout": 0.1}
     memory = build_flask_config(load_settings({"JWT_SECRET_KEY": SECRET}))
     assert memory["RATELIMIT_STORAGE_OPTIONS"] == {}
+
+
+def test_signing_settings_defaults_and_values():
+    settings = load_settings({})
+    assert settings["JWT_PREVIOUS_SECRET_KEYS"] == []
+    assert settings["JWT_KEYS_RELOAD_SECONDS"] == 60
+    old = "o" * 32
+    settings = load_settings({"JWT_ALGORITHM": "eddsa", "JWT_PREVIOUS_SECRET_KEYS": f" {old} ,, {'p' * 40}"})
+    assert settings["JWT_ALGORITHM"] == "EdDSA"
+    assert settings["JWT_PREVIOUS_SECRET_KEYS"] == [old, "p" * 40]
+    for algorithm in ("RS256", "ES256", "HS384"):
+        assert load_settings({"JWT_ALGORITHM": algorithm.lower()})["JWT_ALGORITHM"] == algorithm
+
+
+def test_a_previous_secret_shorter_than_32_bytes_is_named_by_position():
+    with pytest.raises(ConfigError, match="JWT_PREVIOUS_SECRET_KEYS: secret number 2 is shorter than 32 bytes"):
+        load_settings({"JWT_PREVIOUS_SECRET_KEYS": f"{'o' * 32},tiny"})
+
+
+@pytest.mark.parametrize("algorithm", ["RS256", "ES256", "EdDSA"])
+def test_asymmetric_algorithms_need_a_secret_even_in_development(algorithm):
+    # It encrypts the private keys at rest: a random one would lose them at the next start.
+    with pytest.raises(ConfigError, match=f"JWT_SECRET_KEY is required with JWT_ALGORITHM={algorithm}"):
+        build_flask_config(load_settings({"ENVIRONMENT": "development", "JWT_ALGORITHM": algorithm}))
+    config = build_flask_config(load_settings({"JWT_ALGORITHM": algorithm, "JWT_SECRET_KEY": SECRET}))
+    assert config["JWT_DECODE_ALGORITHMS"] == [algorithm]

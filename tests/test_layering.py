@@ -19,6 +19,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "authapp"
 MAY_READ_THE_REQUEST = {
     "addresses.py",  # Flask-Limiter's key function
     "auth/routes.py",
+    "auth/jwks.py",
     "health.py",
     "openapi.py",
     "errors.py",

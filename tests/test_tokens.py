@@ -10,9 +10,15 @@ import jwt
 import pytest
 from helpers import SECRET, assert_error, bearer
 
+from authapp.auth.keys import hmac_kid
 
-def forge(claims: dict, *, key: str = SECRET, algorithm: str = "HS256") -> str:
-    return jwt.encode(claims, key, algorithm=algorithm)
+
+def forge(claims: dict, *, key: str = SECRET, algorithm: str = "HS256", headers: dict | None = None) -> str:
+    """A token signed like authapp's own (kid of SECRET, typ by kind) unless told otherwise."""
+    typ = "at+jwt" if claims.get("type") == "access" else "JWT"
+    return jwt.encode(
+        claims, key, algorithm=algorithm, headers={"kid": hmac_kid(SECRET), "typ": typ, **(headers or {})}
+    )
 
 
 def valid_claims(tokens: dict, **changes) -> dict:

@@ -114,10 +114,12 @@ def _replayed(
 def _current_head(db: Session, auth_session: AuthSession, jti: str) -> sessions.Issued | None:
     """Follow a retired token's descendants to the one not yet used."""
     for _ in range(_MAX_CHAIN_WALK):
-        jti = tokens.child_jti(jti)
-        child = db.scalar(select(RefreshToken).where(RefreshToken.jti_hash == tokens.jti_hash(jti)))
+        # Under JWT_SECRET_KEY, or a previous secret for a link minted before it changed.
+        by_hash = {tokens.jti_hash(candidate): candidate for candidate in tokens.child_jti_candidates(jti)}
+        child = db.scalar(select(RefreshToken).where(RefreshToken.jti_hash.in_(by_hash)))
         if child is None or child.session_id != auth_session.id:
             return None
+        jti = by_hash[child.jti_hash]
         if child.used_at is None:
             return sessions.Issued(auth_session, child, jti)
     return None

@@ -2,10 +2,17 @@
 and every flask-jwt-extended failure routed into the error envelope.
 
 A refresh token's `jti` is random for the first token of a session; each later one is
-derived from its parent's (HMAC with the signing key), and the access token's `jti` from
-its refresh token's. With the issue time stored server-side, the pair of any refresh
-token can be minted again byte for byte, which is how a retired token replayed inside the
-reuse interval gets the session's current pair back without any token kept in clear.
+derived from its parent's (HMAC keyed with JWT_SECRET_KEY, whatever the signing
+algorithm), and the access token's `jti` from its refresh token's. With the issue time
+stored server-side, the pair of any refresh token can be minted again with the same
+claims, which is how a retired token replayed inside the reuse interval gets the
+session's current pair back without any token kept in clear. (HS*, RS256 and EdDSA give
+the same bytes again; ES256 signatures are randomised, so its pair is signed anew.) When
+JWT_SECRET_KEY changes, the chains derived under an older secret are followed with the
+secrets of JWT_PREVIOUS_SECRET_KEYS.
+
+Tokens are signed by `keys.sign` and verified by flask-jwt-extended with `keys.decode_key`
+as its key loader (authapp/auth/keys.py).
 """
 
 from __future__ import annotations
@@ -15,12 +22,13 @@ import hmac
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from flask_jwt_extended import JWTManager, create_access_token, create_refresh_token, decode_token
+from flask_jwt_extended import JWTManager, decode_token
 from flask_jwt_extended.exceptions import JWTExtendedException
 from jwt import ExpiredSignatureError, InvalidTokenError
 
 from .. import settings
 from ..errors import InvalidToken, MissingToken, TokenExpired, TokenRevoked, app_error_response
+from . import keys
 
 if TYPE_CHECKING:
     from ..models import AuthSession, RefreshToken
@@ -37,8 +45,13 @@ def jti_hash(jti: str) -> str:
     return hashlib.sha256(jti.encode()).hexdigest()
 
 
-def _derive(jti: str, purpose: str) -> str:
-    key = settings.current().token_derivation_key
+# Until the MFA flows set them per session: a password session.
+AAL = "aal1"
+AMR = ("pwd",)
+
+
+def _derive(jti: str, purpose: str, key: bytes | None = None) -> str:
+    key = key or settings.current().token_derivation_key
     return hmac.new(key, f"{purpose}:{jti}".encode(), hashlib.sha256).hexdigest()[:32]
 
 
@@ -46,22 +59,34 @@ def child_jti(parent_jti: str) -> str:
     return _derive(parent_jti, "refresh")
 
 
+def child_jti_candidates(parent_jti: str) -> list[str]:
+    """The jti a child of `parent_jti` has under JWT_SECRET_KEY, then under each previous
+    secret (a chain that began before the secret changed)."""
+    current = settings.current()
+    derivation_keys = (current.token_derivation_key, *current.previous_token_derivation_keys)
+    return list(dict.fromkeys(_derive(parent_jti, "refresh", key) for key in derivation_keys))
+
+
 def mint_pair(user: Any, session: AuthSession, refresh: RefreshToken, refresh_jti: str) -> dict[str, Any]:
     """The TokenResponse of one refresh token row; the same row always gives the same pair."""
     iat = int(refresh.issued_at.timestamp())
     access_ttl = int(settings.current().access_token_lifetime.total_seconds())
     access_exp = min(iat + access_ttl, int(session.expires_at.timestamp()))
-    identity = str(user.id)
-    common = {"sid": session.id, "iat": iat, "nbf": iat}
+    current = settings.current()
+    common = {
+        "sub": str(user.id),
+        "sid": session.id,
+        "iat": iat,
+        "nbf": iat,
+        "iss": current.token_issuer,
+        "aud": current.token_audience,
+    }
+    signing = keys.signing_key()  # one key for both tokens, even if a rotation lands meanwhile
+    access = {**common, "exp": access_exp, "jti": _derive(refresh_jti, "access"), "type": "access"}
+    refresh_claims = {**common, "exp": int(refresh.expires_at.timestamp()), "jti": refresh_jti, "type": "refresh"}
     return {
-        "access_token": create_access_token(
-            identity=identity,
-            additional_claims={**common, "jti": _derive(refresh_jti, "access"), "exp": access_exp},
-        ),
-        "refresh_token": create_refresh_token(
-            identity=identity,
-            additional_claims={**common, "jti": refresh_jti, "exp": int(refresh.expires_at.timestamp())},
-        ),
+        "access_token": keys.sign({**access, "aal": AAL, "amr": list(AMR)}, signing, access=True),
+        "refresh_token": keys.sign(refresh_claims, signing, access=False),
         "token_type": TOKEN_TYPE,
         "expires_in": access_exp - iat,
         "user": user,

@@ -1,7 +1,7 @@
 """email: verified addresses, one-time link tokens, the mail outbox
 
 Revision ID: 0005_email
-Revises: 0003_security
+Revises: 0004_signing_keys
 Create Date: 2026-12-01
 """
 
@@ -11,7 +11,7 @@ from alembic import op
 from authapp.models import UTCDateTime
 
 revision = "0005_email"
-down_revision = "0003_security"
+down_revision = "0004_signing_keys"
 branch_labels = None
 depends_on = None
 

@@ -55,3 +55,21 @@ def test_the_benchmark_runs_and_every_request_succeeds(admin_url, tmp_path):
     assert figures["log_lines_lost"] == 0
     assert (ROOT / "README.md").read_text() == readme
     assert (ROOT / "docs" / "benchmark.md").read_text() == page
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
+def test_the_benchmark_measures_a_key_pair_algorithm(admin_url, tmp_path):
+    # `make bench BENCH_ARGS="--algorithm EdDSA --only /auth/me"`: a first key is made at
+    # the release step (Stack.migrate), and the row is named after the algorithm.
+    quick = ["--seconds", "1", "--warmup", "1", "--instances", "1", "--connections", "4", "--rounds", "4"]
+    quick += ["--bcrypt-samples", "1", "--algorithm", "EdDSA", "--only", "/auth/me"]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench.py"), "--database-url", admin_url,
+         "--results-dir", str(tmp_path), *quick],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (raw,) = tmp_path.glob("bench-*.json")
+    rows = json.loads(raw.read_text())["rows"]
+    assert [row["name"] for row in rows] == ["bare Flask route (1)", "GET /auth/me (EdDSA)", "bare Flask route (2)"]
+    assert all(row["result"]["requests"] > 0 and row["result"]["status_errors"] == 0 for row in rows)
