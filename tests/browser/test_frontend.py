@@ -15,6 +15,8 @@ from browser_support import FrontendPage, LiveServer, StaticSite, expect_idle, s
 from helpers import PASSWORD, bearer
 from playwright.sync_api import expect
 
+from authapp import settings as app_settings
+
 pytestmark = pytest.mark.browser
 
 HTTP_ERROR_IN_CONSOLE = re.compile(r"^Failed to load resource: the server responded with a status of 4\d\d\b")
@@ -174,8 +176,9 @@ def test_unlisted_origin_is_refused_by_the_browser(browser_page, frontend, api, 
 
 
 def test_expired_access_token_is_refreshed_once_and_the_calls_retried(site, api, app, client, browser_page):
-    # The minting code reads the lifetime at request time (tokens.mint_pair).
+    # The flows read the settings object, made again here from the changed config.
     app.config["JWT_ACCESS_TOKEN_EXPIRES"] = timedelta(seconds=2)
+    app_settings.init_app(app)
     watch = browser_page.watch
     username, email = new_user()
     site.register(email, username, PASSWORD)
@@ -216,6 +219,7 @@ def test_a_retry_that_fails_again_is_not_refreshed_again(site, api, app, browser
     """Access tokens that are born expired: the page refreshes once, retries once, and then
     shows the error instead of looping."""
     app.config["JWT_ACCESS_TOKEN_EXPIRES"] = timedelta(0)
+    app_settings.init_app(app)
     watch = browser_page.watch
     username, email = new_user()
     site.register(email, username, PASSWORD)  # then lists the sessions: 401, refresh, 401
