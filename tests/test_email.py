@@ -10,12 +10,13 @@ from datetime import timedelta
 
 import pytest
 from helpers import PASSWORD, assert_error, base_settings, bearer, sid_of
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 
 from authapp import clock, create_app
+from authapp.database import unit_of_work
 from authapp.extensions import db
 from authapp.mail import courier
-from authapp.models import OneTimeToken, OutboxMessage
+from authapp.models import AuthSession, OneTimeToken, OutboxMessage, User
 from devtools.mailbox import Mailbox
 
 FRONTEND = "https://app.example.com"
@@ -635,3 +636,116 @@ def test_per_address_limits_on_the_new_endpoints(mailbox, database_url):
         assert_error(client.post(path, json=body, headers=auth), 429, "RATE_LIMITED")
     with app.app_context():
         db.engine.dispose()
+
+
+# -- Links that must die, and requests that must not kill them ---------------------------
+
+
+def test_a_request_over_the_limit_leaves_the_delivered_link_working(mailbox, database_url):
+    """Anyone may ask for reset links for an address: past MAIL_RATE_LIMIT the request sends
+    nothing, and must not void the link already in the user's inbox either."""
+    app = create_app(
+        base_settings(DATABASE_URL=database_url, MAIL_URL=mailbox.url, FRONTEND_URL=FRONTEND, MAIL_RATE_LIMIT="2/hour")
+    )
+    client = app.test_client()
+    register(client)
+    for _ in range(4):
+        request_reset(client)
+    token = reset_token(app, mailbox)  # the second one sent, the newest in the inbox
+    response = client.post("/auth/password-reset", json={"token": token, "new_password": "a-brand-new-passphrase-7"})
+    assert response.status_code == 200, response.get_json()
+    with app.app_context():
+        db.engine.dispose()
+
+
+def test_verification_links_survive_logins_past_the_limit(mailbox, database_url):
+    app = create_app(
+        base_settings(
+            DATABASE_URL=database_url,
+            MAIL_URL=mailbox.url,
+            FRONTEND_URL=FRONTEND,
+            EMAIL_VERIFICATION="required",
+            MAIL_RATE_LIMIT="2/hour",
+        )
+    )
+    client = app.test_client()
+    client.post("/auth/register", json={"email": "alice@example.com", "username": "alice", "password": PASSWORD})
+    login = {"email": "alice@example.com", "password": PASSWORD}
+    for _ in range(3):  # each sends a new link while the limit allows, then nothing
+        assert_error(client.post("/auth/login", json=login), 403, "EMAIL_NOT_VERIFIED")
+    deliver(app)
+    links_sent = [m for m in mailbox.messages("alice@example.com") if "/verify-email#" in m.text]
+    assert len(links_sent) == 2
+    assert client.post("/auth/verify-email", json={"token": links_sent[-1].token()}).status_code == 200
+    assert client.post("/auth/login", json=login).status_code == 200
+    with app.app_context():
+        db.engine.dispose()
+
+
+def test_a_reset_link_sent_to_a_former_address_is_invalid(app, client, mailbox):
+    tokens = register(client)
+    request_reset(client)
+    old_link = reset_token(app, mailbox)
+    assert change_email(client, tokens, "new@example.com").status_code == 202
+    deliver(app)
+    (confirm,) = mailbox.messages("new@example.com")
+    assert client.post("/auth/verify-email", json={"token": confirm.token()}).status_code == 200
+    response = client.post("/auth/password-reset", json={"token": old_link, "new_password": "a-brand-new-passphrase-7"})
+    assert_error(response, 400, "INVALID_LINK")
+
+
+def test_a_reset_voids_a_pending_change_of_address(app, client, mailbox):
+    tokens = register(client)
+    assert change_email(client, tokens, "attacker@example.com").status_code == 202
+    request_reset(client)
+    reset_link = reset_token(app, mailbox)
+    (confirm,) = mailbox.messages("attacker@example.com")
+    response = client.post(
+        "/auth/password-reset", json={"token": reset_link, "new_password": "a-brand-new-passphrase-7"}
+    )
+    assert response.status_code == 200, response.get_json()
+    assert_error(client.post("/auth/verify-email", json={"token": confirm.token()}), 400, "INVALID_LINK")
+
+
+def test_a_password_change_voids_pending_reset_and_change_of_address_links(app, client, mailbox):
+    tokens = register(client)
+    assert change_email(client, tokens, "attacker@example.com").status_code == 202
+    request_reset(client)
+    reset_link = reset_token(app, mailbox)
+    (confirm,) = mailbox.messages("attacker@example.com")
+    changed = client.post(
+        "/auth/change-password",
+        headers=bearer(tokens["access_token"]),
+        json={"current_password": PASSWORD, "new_password": "a-brand-new-passphrase-7"},
+    )
+    assert changed.status_code == 200, changed.get_json()
+    assert_error(client.post("/auth/verify-email", json={"token": confirm.token()}), 400, "INVALID_LINK")
+    response = client.post(
+        "/auth/password-reset", json={"token": reset_link, "new_password": "yet-another-passphrase-8"}
+    )
+    assert_error(response, 400, "INVALID_LINK")
+
+
+def test_a_reset_racing_a_deactivation_yields_no_session(app, client, mailbox, monkeypatch):
+    """The operator's deactivation commits while the reset hashes the new password."""
+    from authapp.auth import passwords, recovery
+
+    register(client)
+    request_reset(client)
+    token = reset_token(app, mailbox)
+    real_hash = passwords.hash_password
+
+    def hash_then_deactivate(password, rounds):
+        hashed = real_hash(password, rounds)
+        with app.app_context(), unit_of_work() as session:
+            session.execute(update(User).where(User.username == "alice").values(is_active=False))
+        return hashed
+
+    monkeypatch.setattr(recovery.passwords, "hash_password", hash_then_deactivate)
+    response = client.post("/auth/password-reset", json={"token": token, "new_password": "a-brand-new-passphrase-7"})
+    assert_error(response, 400, "INVALID_LINK")
+    with app.app_context():
+        sessions_made = db.session.scalar(select(func.count()).select_from(AuthSession))
+        stored = db.session.scalar(select(User.hashed_password).where(User.username == "alice"))
+    assert sessions_made == 1  # the registration's only: the reset started none
+    assert passwords.verify_password(PASSWORD, stored)  # and stored no new password

@@ -26,6 +26,7 @@ from authapp import create_app
 from authapp.auth import keys
 from authapp.extensions import db
 from authapp.models import SigningKey
+from config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 ALGORITHMS = ["HS256", "HS384", "HS512", "RS256", "ES256", "EdDSA"]
@@ -254,10 +255,21 @@ def test_an_access_token_needs_typ_at_jwt(client, tokens, typ):
     assert_error(client.get("/auth/me", headers=bearer(token)), 401, "INVALID_TOKEN")
 
 
-@pytest.mark.parametrize("kind", ["Access", "bogus", "", None, 1])
+@pytest.mark.parametrize("kind", ["Access", "bogus", "", None, 1, ["access"], {"access": 1}])
 def test_an_access_token_needs_type_access_exactly(client, tokens, kind):
     token = resign(tokens["access_token"], claims={"type": kind})
     assert_error(client.get("/auth/me", headers=bearer(token)), 401, "INVALID_TOKEN")
+
+
+@pytest.mark.parametrize("kind", [["access"], {"refresh": 1}, ["refresh"]])
+def test_an_unsigned_token_whose_type_is_not_a_string_is_invalid_everywhere(client, tokens, kind):
+    """The shape is checked before the signature: a list or an object there is no 500."""
+    segment = lambda part: base64.urlsafe_b64encode(json.dumps(part).encode()).rstrip(b"=").decode()  # noqa: E731
+    token = f"{segment({'alg': 'HS256', 'typ': 'at+jwt', 'kid': 'k'})}.{segment({'type': kind})}.AAAA"
+    assert_error(client.get("/auth/me", headers=bearer(token)), 401, "INVALID_TOKEN")
+    assert_error(client.post("/auth/refresh", json={"refresh_token": token}), 401, "INVALID_TOKEN")
+    logout = client.post("/auth/logout", headers=bearer(tokens["access_token"]), json={"refresh_token": token})
+    assert logout.status_code == 204
 
 
 def test_an_access_token_without_type_is_refused(client, tokens):
@@ -445,6 +457,19 @@ def test_the_database_allows_one_active_key_only(cli):
         db.session.rollback()
 
 
+def test_a_key_sealed_with_a_secret_no_longer_configured_is_a_clear_503_and_stops_production(make_app):
+    """JWT_SECRET_KEY changed without the old one in JWT_PREVIOUS_SECRET_KEYS."""
+    activate_new_key(make_app(JWT_ALGORITHM="EdDSA"))
+    other_secret = "another-secret-that-is-long-enough-for-hs512-0123456789abcdefghi"
+    app = make_app(JWT_ALGORITHM="EdDSA", JWT_SECRET_KEY=other_secret)
+    account = {"email": "a@example.com", "username": "alice", "password": "violet-harbor-cactus-42"}
+    body = assert_error(app.test_client().post("/auth/register", json=account), 503, "SERVICE_UNAVAILABLE")
+    assert "JWT_SECRET_KEY" not in body["detail"]  # the client is told nothing of the configuration
+    app.config["ENVIRONMENT"] = "production"
+    with pytest.raises(ConfigError, match="neither JWT_SECRET_KEY nor in JWT_PREVIOUS_SECRET_KEYS"):
+        keys.require_signing_key(app)
+
+
 def test_without_an_active_key_nothing_is_signed_and_the_answer_says_what_to_run(make_app):
     app = make_app(JWT_ALGORITHM="EdDSA")
     account = {"email": "a@example.com", "username": "alice", "password": "violet-harbor-cactus-42"}
@@ -462,6 +487,8 @@ def test_a_production_start_without_an_active_key_stops_with_the_command_to_run(
         JWT_ALGORITHM="EdDSA",
         DATABASE_URL=database_url,
         MAIL_URL="smtp://127.0.0.1:1",
+        MAIL_FROM="authapp@example.com",
+        FRONTEND_URL="https://app.example.com",
         PYTHONPATH=str(ROOT),
     )
     start = [sys.executable, "-c", "import wsgi"]

@@ -14,7 +14,7 @@ from ..database import unit_of_work
 from ..errors import InvalidCredentials, NotFound, UserAlreadyExists
 from ..mail import outbox
 from ..models import AuthSession, RefreshToken, User
-from . import mailings, passwords, sessions
+from . import links, mailings, passwords, sessions
 from .context import Client
 
 
@@ -174,6 +174,8 @@ def replace_password(
         revoked = sessions.revoke(db, sessions.PASSWORD_CHANGED, now, AuthSession.user_id == user.id)
         if client is not None:
             issued = sessions.start(db, user.id, now, client)
+        # Links sent before the change (a reset, a change of address) die with the old password.
+        links.void(db, user.id, links.PASSWORD_RESET, links.CHANGE_EMAIL)
         notice = mailings.password_changed(db, user, now)
     if issued is not None:
         audit.record(audit.PASSWORD_CHANGED, user_id=user.id, sid=issued.session.id, sessions_revoked=revoked)

@@ -154,10 +154,21 @@ def seal(private_key: Any, kid: str, algorithm: str, config: dict[str, Any]) -> 
     return _SEAL_VERSION + nonce + _sealing_keys(config)[0].encrypt(nonce, der, _associated_data(kid, algorithm))
 
 
+class UnsealableKey(ServiceUnavailable):
+    """The active key's private part cannot be opened with the configured secrets: a
+    client gets 503 SERVICE_UNAVAILABLE, the log and a production start say why."""
+
+    detail = "No token can be signed right now"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(headers={"Retry-After": "60"})
+        self.reason = reason
+
+
 def unseal(sealed: bytes, kid: str, algorithm: str, config: dict[str, Any]) -> Any:
     """The private key of a sealed row, opened with the current or a previous secret."""
     if not sealed.startswith(_SEAL_VERSION):
-        raise ValueError("unknown sealed-key format")
+        raise UnsealableKey(f"signing key {kid} is stored in an unknown sealed-key format")
     nonce, ciphertext = sealed[1:13], sealed[13:]
     for aead in _sealing_keys(config):
         try:
@@ -165,7 +176,13 @@ def unseal(sealed: bytes, kid: str, algorithm: str, config: dict[str, Any]) -> A
         except InvalidTag:
             continue
         return serialization.load_der_private_key(der, password=None)
-    raise ValueError(
+    log.error(
+        "signing key %s cannot be opened: it was sealed with a secret that is neither JWT_SECRET_KEY "
+        "nor in JWT_PREVIOUS_SECRET_KEYS",
+        kid,
+        extra={"event": "signing_key_unsealable", "kid": kid},
+    )
+    raise UnsealableKey(
         f"signing key {kid} was sealed with a secret that is neither JWT_SECRET_KEY nor in JWT_PREVIOUS_SECRET_KEYS"
     )
 
@@ -325,7 +342,8 @@ def check_shape(header: dict[str, Any], claims: dict[str, Any], algorithm: str) 
         _refuse(f"header parameter not allowed: {sorted(set(header) - ALLOWED_HEADER)[0]}")
     if header.get("alg") != algorithm:
         _refuse("algorithm not allowed")
-    rules = _REQUIRED.get(claims.get("type"))  # type: ignore[arg-type]
+    token_type = claims.get("type")
+    rules = _REQUIRED.get(token_type) if isinstance(token_type, str) else None
     if rules is None:
         _refuse("unknown token type")
     typ, required = rules
@@ -497,6 +515,8 @@ def require_signing_key(app: Flask) -> None:
     with app.app_context():
         try:
             keyset = ring(app).current()
+        except UnsealableKey as error:
+            raise ConfigError(error.reason) from None
         except AppError as error:
             raise ConfigError(f"signing keys cannot be read: {error.detail}") from None
         except SQLAlchemyError as error:  # the table is missing: the migrations have not run

@@ -32,11 +32,9 @@ def token_hash(token: str) -> str:
 
 
 def issue(db: Session, kind: str, user_id: int | None, address: str, now: datetime, lifetime: timedelta) -> str:
-    """Add a new token of `kind` for the user to the unit of work, voiding the older ones;
-    returns the token (to go into a link, and nowhere else). `user_id=None` writes a
-    decoy (replacing the older decoys of its kind), which no request can use."""
-    owner = OneTimeToken.user_id.is_(None) if user_id is None else OneTimeToken.user_id == user_id
-    db.execute(delete(OneTimeToken).where(owner, OneTimeToken.kind == kind, OneTimeToken.used_at.is_(None)))
+    """Add a new token of `kind` for the user to the unit of work; returns the token (to go
+    into a link, and nowhere else). `user_id=None` writes a decoy, which no request can
+    use. The older tokens stay until `settle` knows whether the new one is sent."""
     token = secrets.token_urlsafe(TOKEN_BYTES)
     db.add(
         OneTimeToken(
@@ -49,6 +47,20 @@ def issue(db: Session, kind: str, user_id: int | None, address: str, now: dateti
         )
     )
     return token
+
+
+def settle(db: Session, kind: str, user_id: int | None, token: str, *, sent: bool) -> None:
+    """Once the new token's message is queued (`sent`), void the older tokens of its kind;
+    when nothing is sent (no account, or the recipient's MAIL_RATE_LIMIT reached), drop the
+    new one instead, so that a request that sends nothing never voids a link already in
+    the user's inbox. The same statement either way."""
+    owner = OneTimeToken.user_id.is_(None) if user_id is None else OneTimeToken.user_id == user_id
+    new = OneTimeToken.token_hash == token_hash(token)
+    db.execute(
+        delete(OneTimeToken).where(
+            owner, OneTimeToken.kind == kind, OneTimeToken.used_at.is_(None), ~new if sent else new
+        )
+    )
 
 
 def void(db: Session, user_id: int, *kinds: str) -> None:

@@ -67,9 +67,11 @@ def verify_email(db: Session, user: Any, now: datetime) -> OutboxMessage:
         messages.VERIFY_EMAIL,
         **context(user, now, link=messages.email_verify_link(token), expires_in=messages.duration(lifetime)),
     )
-    return outbox.enqueue(
+    row = outbox.enqueue(
         db, messages.VERIFY_EMAIL, user.email, rendered, now, user_id=user.id, give_up_at=now + lifetime
     )
+    links.settle(db, links.VERIFY_EMAIL, user.id, token, sent=row.status == outbox.QUEUED)
+    return row
 
 
 def change_email(db: Session, user: Any, new_email: str, now: datetime) -> tuple[OutboxMessage, OutboxMessage]:
@@ -84,7 +86,8 @@ def change_email(db: Session, user: Any, new_email: str, now: datetime) -> tuple
         ),
     )
     notice = messages.render(messages.EMAIL_CHANGE_NOTICE, **context(user, now, **addresses))
-    return (
-        outbox.enqueue(db, messages.CHANGE_EMAIL, new_email, confirm, now, user_id=user.id, give_up_at=now + lifetime),
-        outbox.enqueue(db, messages.EMAIL_CHANGE_NOTICE, user.email, notice, now, user_id=user.id),
+    confirmation = outbox.enqueue(
+        db, messages.CHANGE_EMAIL, new_email, confirm, now, user_id=user.id, give_up_at=now + lifetime
     )
+    links.settle(db, links.CHANGE_EMAIL, user.id, token, sent=confirmation.status == outbox.QUEUED)
+    return confirmation, outbox.enqueue(db, messages.EMAIL_CHANGE_NOTICE, user.email, notice, now, user_id=user.id)

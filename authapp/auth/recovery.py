@@ -43,6 +43,7 @@ def request_reset(email: str) -> None:
             # The same statements, on a decoy row that no link names.
             token = links.issue(db, links.PASSWORD_RESET, None, "", now, lifetime)
         row = mailings.password_reset(db, user if eligible else _NOBODY, email, token, now, send=eligible)
+        links.settle(db, links.PASSWORD_RESET, user.id if eligible else None, token, sent=row.status == outbox.QUEUED)
     if user is None:
         outcome = "no_account"
     elif not user.is_active:
@@ -62,6 +63,8 @@ def reset(token: str, new_password: str, client: Client) -> dict[str, Any]:
         user = db.get(User, link.user_id)
     if user is None or not user.is_active:
         raise links.invalid((links.PASSWORD_RESET,), "inactive_user")
+    if link.address != user.email:  # sent to an address the account has since left
+        raise links.invalid((links.PASSWORD_RESET,), "address_changed")
     problems = passwords.policy_problems(
         new_password, min_length=current.password_min_length, username=user.username, email=user.email
     )
@@ -75,14 +78,20 @@ def reset(token: str, new_password: str, client: Client) -> dict[str, Any]:
         # The link reached the address: it is the user's, if it still is the account's.
         if user.email_verified_at is None and link.address.lower() == user.email.lower():
             values["email_verified_at"] = now
-        db.execute(update(User).where(User.id == user.id).values(**values))
+        # Only for a user still active: a deactivation that committed while bcrypt ran
+        # wins (the link stays unspent: this transaction rolls back).
+        written = db.execute(update(User).where(User.id == user.id, User.is_active.is_(True)).values(**values)).rowcount  # type: ignore[attr-defined]
+        if written != 1:
+            raise links.invalid((links.PASSWORD_RESET,), "inactive_user")
         revoked = sessions.revoke(db, PASSWORD_RESET, now, AuthSession.user_id == user.id)
-        links.void(db, user.id, links.PASSWORD_RESET)
+        # A pending change of address (perhaps an attacker's) dies with the old password.
+        links.void(db, user.id, links.PASSWORD_RESET, links.CHANGE_EMAIL)
         issued = sessions.start(db, user.id, now, client)
         notice = mailings.password_changed(db, user, now)
     for name, value in values.items():
         setattr(user, name, value)
     ratelimit.clear_failures(ratelimit.account_key(user.id, ""))
     audit.record(audit.PASSWORD_RESET, user_id=user.id, sid=issued.session.id, sessions_revoked=revoked)
+    issued.record_ended()
     outbox.record(notice)
     return issued.pair(user)

@@ -99,7 +99,7 @@ def decode_refresh_token(encoded: str, *, allow_expired: bool = False) -> dict[s
         claims = decode_token(encoded, allow_expired=allow_expired)
     except ExpiredSignatureError:
         raise TokenExpired() from None
-    except (InvalidTokenError, JWTExtendedException, ValueError):
+    except (InvalidTokenError, JWTExtendedException, ValueError, TypeError):
         raise InvalidToken() from None
     if claims.get("type") != "refresh" or not isinstance(claims.get("sid"), str):
         raise InvalidToken("A refresh token is required")

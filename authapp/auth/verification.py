@@ -78,7 +78,7 @@ def verify(token: str) -> User:
                     .where(User.id == user.id)
                     .values(email=link.address, email_verified_at=now, updated_at=now)
                 )
-                links.void(db, user.id, links.VERIFY_EMAIL, links.CHANGE_EMAIL)
+                links.void(db, user.id, links.VERIFY_EMAIL, links.CHANGE_EMAIL, links.PASSWORD_RESET)
                 user.email, user.email_verified_at, user.updated_at = link.address, now, now
                 event = {"changed": True, "old_email_key": outbox.recipient_key(old)[:12]}
     except IntegrityError:
