@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from browser_support import StaticSite, is_loopback
+from browser_support import LiveServer, StaticSite, is_loopback, serve
 
 OUTPUT_DIR = Path(os.environ.get("BROWSER_OUTPUT_DIR") or Path(__file__).resolve().parent / "output")
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -166,6 +166,14 @@ def backend() -> str:
 def frontend() -> Iterator[StaticSite]:
     with StaticSite().running() as site:
         yield site
+
+
+@pytest.fixture
+def api(app, frontend) -> Iterator[LiveServer]:
+    """The app on a live server, and the frontend pointed at it."""
+    with serve(app) as server:
+        frontend.api_url = server.url
+        yield server
 
 
 # -- Pages ------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from browser_support import FrontendPage, LiveServer, serve
+from browser_support import FrontendPage
 from helpers import PASSWORD
 from playwright.sync_api import expect
 
@@ -30,13 +30,6 @@ def mailbox() -> Iterator[Mailbox]:
 @pytest.fixture
 def settings(frontend, mailbox):
     return {"CORS_ORIGINS": frontend.origin, "MAIL_URL": mailbox.url, "FRONTEND_URL": frontend.origin}
-
-
-@pytest.fixture
-def api(app, frontend) -> Iterator[LiveServer]:
-    with serve(app) as server:
-        frontend.api_url = server.url
-        yield server
 
 
 @pytest.fixture

@@ -6,12 +6,11 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 
 import jwt
 import pytest
-from browser_support import FrontendPage, LiveServer, StaticSite, expect_idle, serve
+from browser_support import FrontendPage, StaticSite, expect_idle
 from helpers import PASSWORD, bearer
 from playwright.sync_api import expect
 
@@ -25,13 +24,6 @@ HTTP_ERROR_IN_CONSOLE = re.compile(r"^Failed to load resource: the server respon
 @pytest.fixture
 def settings(frontend):
     return {"CORS_ORIGINS": frontend.origin}
-
-
-@pytest.fixture
-def api(app, frontend) -> Iterator[LiveServer]:
-    with serve(app) as server:
-        frontend.api_url = server.url
-        yield server
 
 
 @pytest.fixture
