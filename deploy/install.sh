@@ -17,7 +17,9 @@
 #   AUTHAPP_LOCAL_REDIS=yes           install Redis here (the shared rate-limit counters)
 #   AUTHAPP_DATABASE_URL=             with AUTHAPP_LOCAL_POSTGRES=no: the database to use
 #   AUTHAPP_REDIS_URL=redis://127.0.0.1:6379/0
-#   AUTHAPP_MAIL_URL= AUTHAPP_MAIL_FROM=   written into a new settings file when given
+#   AUTHAPP_MAIL_URL= AUTHAPP_MAIL_FROM= AUTHAPP_FRONTEND_URL=
+#                                     the mail settings production needs: required for a
+#                                     new settings file (or give them in AUTHAPP_SETTINGS)
 #   AUTHAPP_SETTINGS=                 more KEY=value settings (space separated) for a new
 #                                     settings file, e.g. "CORS_ORIGINS=https://app.example.com"
 # and, for tests and sandboxes (tests/e2e/test_install.py runs this very script so):
@@ -214,6 +216,13 @@ write_env_file() {
         [ -n "$database_url" ] || die "AUTHAPP_LOCAL_POSTGRES=no needs AUTHAPP_DATABASE_URL"
         local temp="$ENV_FILE.new" extra=() setting
         read -r -a extra <<<"${AUTHAPP_SETTINGS:-}"
+        # A production start refuses to run without them (docs/email.md).
+        local knob
+        for knob in MAIL_URL MAIL_FROM FRONTEND_URL; do
+            local given="AUTHAPP_$knob"
+            [ -n "${!given:-}" ] || [[ " ${extra[*]} " == *" $knob="* ]] \
+                || die "a new settings file needs $knob: give AUTHAPP_$knob (docs/email.md says what to put there)"
+        done
         {
             echo "# authapp's settings (docs/configuration.md), read by the units' EnvironmentFile="
             echo "# and by deploy/install.sh. Format: KEY=value, no quotes, spaces, \$ or \\."
@@ -221,7 +230,8 @@ write_env_file() {
                 "JWT_SECRET_KEY=$(random_secret 48)" "BCRYPT_ROUNDS=12" "LOG_LEVEL=INFO" \
                 "RATELIMIT_STORAGE_URI=$REDIS_URL" \
                 ${AUTHAPP_MAIL_URL:+"MAIL_URL=$AUTHAPP_MAIL_URL"} \
-                ${AUTHAPP_MAIL_FROM:+"MAIL_FROM=$AUTHAPP_MAIL_FROM"}; do
+                ${AUTHAPP_MAIL_FROM:+"MAIL_FROM=$AUTHAPP_MAIL_FROM"} \
+                ${AUTHAPP_FRONTEND_URL:+"FRONTEND_URL=$AUTHAPP_FRONTEND_URL"}; do
                 # a setting of AUTHAPP_SETTINGS replaces the default of the same name
                 [[ " ${extra[*]} " == *" ${setting%%=*}="* ]] || echo "$setting"
             done
@@ -306,7 +316,7 @@ install_units() {
     step "systemd units, logrotate"
     install -d -m 0755 "$UNIT_DIR" "$UNIT_DIR/authapp@.service.d" "$PREFIX/etc/logrotate.d"
     local unit
-    for unit in authapp@.service authapp-prune.service authapp-prune.timer; do
+    for unit in authapp@.service authapp-courier.service authapp-prune.service authapp-prune.timer; do
         render "deploy/$unit" >"$UNIT_DIR/$unit.new"
         mv "$UNIT_DIR/$unit.new" "$UNIT_DIR/$unit"
     done
@@ -333,12 +343,12 @@ install_units() {
 verify_units() {   # no-systemd mode: what systemd would refuse, found without it
     local dir unit
     dir="$(mktemp -d)"
-    for unit in authapp@.service authapp-prune.service authapp-prune.timer; do
+    for unit in authapp@.service authapp-courier.service authapp-prune.service authapp-prune.timer; do
         cp "$UNIT_DIR/$unit" "$dir/${unit/@./@1.}"
     done
     cp -r "$UNIT_DIR/authapp@.service.d" "$dir/authapp@1.service.d"
     local output
-    if ! output="$(cd "$dir" && SYSTEMD_UNIT_PATH="$dir:" systemd-analyze verify "$dir"/authapp@1.service "$dir"/authapp-prune.service "$dir"/authapp-prune.timer 2>&1)" \
+    if ! output="$(cd "$dir" && SYSTEMD_UNIT_PATH="$dir:" systemd-analyze verify "$dir"/authapp@1.service "$dir"/authapp-courier.service "$dir"/authapp-prune.service "$dir"/authapp-prune.timer 2>&1)" \
         || [ -n "$output" ]; then
         rm -rf "$dir"
         die "systemd-analyze verify: $output"
@@ -504,6 +514,16 @@ restart_instances() {
     done
 }
 
+restart_courier() {
+    step "mail courier (authapp-courier.service)"
+    if [ "$SYSTEMD" = yes ]; then
+        systemctl enable --quiet authapp-courier
+        systemctl restart authapp-courier
+    else
+        echo "no systemd: the courier unit is installed and verified, not started (run it as its ExecStart= says)"
+    fi
+}
+
 enable_timers() {
     step "daily prune of expired sessions (authapp-prune.timer)"
     if [ "$SYSTEMD" = yes ]; then
@@ -536,6 +556,7 @@ reload_nginx
 certbot_certificate
 migrate
 restart_instances
+restart_courier
 enable_timers
 check_https
 step "done: authapp runs (docs/operations.md: backups, upgrades, monitoring)"

@@ -191,6 +191,10 @@ def installation(admin_url) -> Iterator[Installation]:
         "AUTHAPP_HTTPS_PORT": str(ports[1]),
         "AUTHAPP_METRICS_PORT": str(ports[2]),
         "AUTHAPP_WAIT_SECONDS": "90",
+        # What a production start needs; nothing is sent (the courier is not started here).
+        "AUTHAPP_MAIL_URL": "smtp://127.0.0.1:25",
+        "AUTHAPP_MAIL_FROM": "no-reply@example.com",
+        "AUTHAPP_FRONTEND_URL": "https://app.example.com",
         # Its own keys on the shared Redis; bcrypt's cheapest cost keeps the logins quick.
         "AUTHAPP_SETTINGS": f"RATELIMIT_KEY_PREFIX=authapp-install-{tag}- BCRYPT_ROUNDS=4",
     }
