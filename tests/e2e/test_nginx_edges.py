@@ -169,7 +169,7 @@ def test_every_status_nginx_can_answer_is_mapped():
     client certificates; 500) are mapped all the same."""
     import re
 
-    from stack import NGINX_CONF
+    from devtools.stack import NGINX_CONF
 
     text = NGINX_CONF.read_text()
     https = text[text.index("listen 443 ssl") : text.index("# Prometheus scrapes")]
