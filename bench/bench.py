@@ -394,16 +394,32 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def lost_log_lines(stack: Stack) -> int:
-    """Requests nginx passed to the app whose line (one per request) is not in the app's log."""
-    logged = set()
-    for instance in stack.instance.values():
-        for line in instance.log.read_text(errors="replace").splitlines():
-            entry = app_log_entry(line)
-            if entry.get("event") == "request":
-                logged.add(entry.get("request_id"))
-    passed = {e["request_id"] for e in stack.read_access_log() if e.get("upstream")}
-    return len(passed - logged)
+def lost_log_lines(stack: Stack, patience: float = 10.0) -> int:
+    """Requests nginx passed to the app whose line (one per request) is not in the app's log.
+
+    nginx logs a request the client gave up on (wrk closing its connections at the end of a
+    row, 499) as soon as the client goes, while the worker may still be finishing it (a
+    bcrypt hash): such a line lands a moment later. So the logs are read again for up to
+    `patience` seconds before a missing line counts as lost; the ones still missing are
+    named on standard error."""
+    passed = {e["request_id"]: e for e in stack.read_access_log() if e.get("upstream")}
+    deadline = time.monotonic() + patience
+    while True:
+        logged = set()
+        for instance in stack.instance.values():
+            for line in instance.log.read_text(errors="replace").splitlines():
+                entry = app_log_entry(line)
+                if entry.get("event") == "request":
+                    logged.add(entry.get("request_id"))
+        missing = set(passed) - logged
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    for request_id in sorted(missing):
+        e = passed[request_id]
+        print(f"no app log line for {e.get('method')} {e.get('path')} (nginx status {e.get('status')}, "
+              f"upstream {e.get('upstream_status')}, request id {request_id})", file=sys.stderr)  # fmt: skip
+    return len(missing)
 
 
 # -- Report ----------------------------------------------------------------------------------------
