@@ -713,3 +713,19 @@ def test_deleting_a_user_erases_its_factor_and_recovery_codes(app, client, token
     )
     assert again.get_json()["user"]["mfa_enabled"] is False
     assert "access_token" in login(client).get_json()
+
+
+def test_a_password_change_in_an_aal2_session_starts_an_aal2_session(client, tokens, frozen):
+    enabled = enable_mfa(client, tokens, frozen)
+    session = verify(client, challenge(client), code=code_at(enabled.secret, frozen.now())).get_json()
+    changed = client.post(
+        "/auth/change-password",
+        headers=bearer(session["access_token"]),
+        json={"current_password": PASSWORD, "new_password": NEW_PASSWORD},
+    )
+    assert changed.status_code == 200, changed.get_json()
+    body = changed.get_json()
+    assert body["aal"] == "aal2" and claims(body["access_token"])["amr"] == ["pwd", "otp"]
+    assert regenerate(client, body["access_token"], NEW_PASSWORD).status_code == 200
+    # And the next login still asks for the second factor.
+    assert challenge(client, password=NEW_PASSWORD)
