@@ -9,13 +9,13 @@ from sqlalchemy import Select, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from .. import audit, clock, identifiers, settings
+from .. import audit, clock, identifiers, ratelimit, settings
 from ..database import unit_of_work
-from ..errors import InvalidCredentials, NotFound, UserAlreadyExists
+from ..errors import AppError, InvalidCredentials, NotFound, UserAlreadyExists
 from ..mail import outbox
 from ..models import AuthSession, RefreshToken, User
 from . import links, mailings, passwords, sessions
-from .context import Client
+from .context import AuthContext, Client
 
 
 class CredentialsChanged(InvalidCredentials):
@@ -126,6 +126,29 @@ def register(email: str, username: str, password: str, client: Client) -> dict[s
 # -- Activation and passwords -------------------------------------------------------------
 
 
+def count_attempt(account: str, user_id: int | None) -> None:
+    """Count one password (or second-factor) check on the account's lockout, or raise
+    RATE_LIMITED (audited)."""
+    try:
+        ratelimit.count_attempt(account)
+    except AppError:
+        audit.record(audit.LOGIN_LOCKED, user_id=user_id)
+        raise
+
+
+def check_current_password(auth: AuthContext, password: str, failure_event: str, **fields: Any) -> str:
+    """The stored hash, once `password` is shown to be the user's current one; a wrong
+    one is INVALID_CREDENTIALS (audited as `failure_event`) and counts on the account's
+    lockout like a failed login, so a stolen access token cannot guess without limit."""
+    count_attempt(ratelimit.account_key(auth.user_id, ""), auth.user_id)
+    with unit_of_work() as db:  # the auth context's user row carries no hash
+        stored = db.scalar(select(User.hashed_password).where(User.id == auth.user_id))
+    if stored is None or not passwords.verify_password(password, stored):
+        audit.record(failure_event, user_id=auth.user_id, sid=auth.session_id, reason="wrong_password", **fields)
+        raise InvalidCredentials()
+    return stored
+
+
 def set_active(user: User, active: bool) -> int:
     """Activate or deactivate a user; deactivation also ends every session."""
     now = clock.now()
@@ -152,7 +175,12 @@ def write_if_unchanged(db: Session, user_id: int, checked_hash: str, values: dic
 
 
 def replace_password(
-    user: Any, password: str, client: Client | None = None, *, checked_hash: str | None = None
+    user: Any,
+    password: str,
+    client: Client | None = None,
+    *,
+    checked_hash: str | None = None,
+    auth: AuthContext | None = None,
 ) -> tuple[int, sessions.Issued | None]:
     """Store a new password and end every session of the user; with `client` (the user's
     own change) start a new session in the same transaction. Returns (revoked, issued).
@@ -160,7 +188,8 @@ def replace_password(
     With `checked_hash` (the hash a current password was just checked against) the write
     happens only over that hash and for a still-active user: of two changes racing with
     the same current password, or a change racing a reset or a deactivation, the first one
-    wins and the other gets INVALID_CREDENTIALS. An operator's change always wins.
+    wins and the other gets INVALID_CREDENTIALS. An operator's change always wins. The new
+    session keeps the level of `auth`'s (an account with MFA on has aal2 sessions only).
     """
     hashed = passwords.hash_password(password, settings.current().bcrypt_rounds)
     now = clock.now()
@@ -173,7 +202,10 @@ def replace_password(
             raise CredentialsChanged()
         revoked = sessions.revoke(db, sessions.PASSWORD_CHANGED, now, AuthSession.user_id == user.id)
         if client is not None:
-            issued = sessions.start(db, user.id, now, client)
+            if auth is not None:
+                issued = sessions.start(db, user.id, now, client, aal=auth.aal, amr=auth.amr)
+            else:
+                issued = sessions.start(db, user.id, now, client)
         # Links sent before the change (a reset, a change of address) die with the old password.
         links.void(db, user.id, links.PASSWORD_RESET, links.CHANGE_EMAIL)
         notice = mailings.password_changed(db, user, now)
