@@ -123,7 +123,7 @@ class StaticSite:
 
 # -- The example page ---------------------------------------------------------------------
 
-TOKEN_PATHS = ("/auth/register", "/auth/login", "/auth/refresh")
+TOKEN_PATHS = ("/auth/register", "/auth/login", "/auth/refresh", "/auth/mfa/verify")
 
 # Everywhere the page's origin could keep a token between two visits, or show one.
 STORED = """async () => ({
@@ -194,8 +194,8 @@ class FrontendPage:
         for request in self.bp.watch.requests:
             if request.method == "POST" and request.url in [api_url + path for path in TOKEN_PATHS]:
                 response = request.response()
-                if response is not None and response.status in (200, 201):
-                    body = response.json()
+                body = response.json() if response is not None and response.status in (200, 201) else {}
+                if "access_token" in body:  # not a login's MfaChallenge, which has no session yet
                     tokens += [body["access_token"], body["refresh_token"]]
         return tokens
 

@@ -26,11 +26,6 @@ def settings(frontend):
     return {"CORS_ORIGINS": frontend.origin}
 
 
-@pytest.fixture
-def site(browser_page, frontend, api) -> FrontendPage:
-    return FrontendPage(browser_page, frontend).open()
-
-
 def new_user() -> tuple[str, str]:
     name = f"user{uuid.uuid4().hex[:8]}"
     return name, f"{name}@example.com"
