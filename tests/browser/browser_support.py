@@ -8,19 +8,24 @@ import http.server
 import ipaddress
 import json
 import threading
+import time
 import urllib.parse
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jwt
+import pyotp
 from flask import Flask
 from werkzeug.serving import make_server
 
 ROOT = Path(__file__).resolve().parents[2]
 FRONTEND_DIR = ROOT / "examples" / "frontend"
 LINK_PAGES = ("/reset-password", "/verify-email")  # as examples/frontend/serve.py serves them
+TOTP_STEP = 30  # seconds: RFC 6238's time step, the contract's
 
 
 def is_loopback(url: str) -> bool:
@@ -211,6 +216,46 @@ class FrontendPage:
         state = self.page.context.storage_state()
         assert state["cookies"] == [] and all(origin["localStorage"] == [] for origin in state["origins"]), state
         assert self.bp.watch.reported("storage") == [] and self.bp.watch.reported("cookie") == []
+
+
+def new_user() -> tuple[str, str]:
+    """A username and an email address that no other test uses."""
+    name = f"user{uuid.uuid4().hex[:8]}"
+    return name, f"{name}@example.com"
+
+
+def claims(token: str) -> dict:
+    """A token's claims, unverified: what the page was given."""
+    return jwt.decode(token, options={"verify_signature": False})
+
+
+class Authenticator:
+    """The user's authenticator app. The API accepts a code once, and a second code of the
+    same time step would be the same code: so each code is of a step later than the last
+    one's, waiting (until that step begins, no longer) when the clock has not got there."""
+
+    def __init__(self, secret: str) -> None:
+        self.totp = pyotp.TOTP(secret)  # SHA-1, 6 digits, 30 s: RFC 6238's defaults
+        self.last_step: int | None = None
+
+    def code(self) -> str:
+        step = int(time.time()) // TOTP_STEP
+        if self.last_step is not None and step <= self.last_step:
+            step = self.last_step + 1
+            while time.time() < step * TOTP_STEP:
+                time.sleep(step * TOTP_STEP - time.time() + 0.01)
+        self.last_step = step
+        return self.totp.at(step * TOTP_STEP)
+
+    def steps_since_last(self) -> int:
+        assert self.last_step is not None
+        return int(time.time()) // TOTP_STEP - self.last_step
+
+    def wrong_code(self) -> str:
+        """Six digits that no step the API accepts now (one step of drift either way) gives."""
+        now = time.time()
+        accepted = {self.totp.at(now + drift * TOTP_STEP) for drift in (-1, 0, 1)}
+        return next(code for code in (f"{n:06d}" for n in range(0, 10**6, 111_111)) if code not in accepted)
 
 
 def expect_idle(page: Any) -> None:
