@@ -422,10 +422,15 @@
     $("signed-out").hidden = Boolean(accessToken);
   }
 
+  // Apps show a code as "123 456", and a pasted one may keep the space.
+  function totpCode(form) {
+    return String(new FormData(form).get("code")).replace(/\s+/g, "");
+  }
+
   // The second step, with a code from the app or a recovery code. A wrong code keeps the
   // step open: the mfa_token is spent only by a success.
   async function verifyMfa(form, field) {
-    const value = String(new FormData(form).get(field)).trim();
+    const value = field === "code" ? totpCode(form) : String(new FormData(form).get(field)).trim();
     form.reset();
     const pair = await request("POST", "/auth/mfa/verify", { body: { mfa_token: mfaToken, [field]: value } });
     endMfaStep();
@@ -446,8 +451,7 @@
   }
 
   async function enableMfa(form) {
-    const code = String(new FormData(form).get("code")).trim();
-    const body = await authed("POST", "/auth/mfa/totp/enable", { code });
+    const body = await authed("POST", "/auth/mfa/totp/enable", { code: totpCode(form) });
     hideEnrollment();
     showRecoveryCodes(body.recovery_codes);
     await reload(); // MFA is on now, and every other session was logged out
