@@ -199,6 +199,8 @@ SETTINGS: dict[str, tuple[Callable[[str, str], Any], str | None]] = {
     "JWT_KEYS_RELOAD_SECONDS": (_int(1, 3600), "60"),
     "JWT_ISSUER": (_text, "authapp"),
     "JWT_AUDIENCE": (_text, "authapp"),
+    # The name an authenticator app shows beside a TOTP account (docs/mfa.md).
+    "MFA_ISSUER": (_text, "authapp"),
     "ACCESS_TOKEN_EXPIRE_MINUTES": (_int(1, 24 * 60), "30"),
     "REFRESH_TOKEN_EXPIRE_DAYS": (_int(1, 365), "7"),
     "SESSION_MAX_LIFETIME_DAYS": (_int(1, 3650), "30"),

@@ -19,7 +19,7 @@ from marshmallow import ValidationError
 from sqlalchemy.exc import DBAPIError
 
 from . import clock, keys_cli, ratelimit
-from .auth import accounts, links
+from .auth import accounts, links, mfa
 from .auth import sessions as auth_sessions
 from .clock import iso
 from .database import describe, unit_of_work
@@ -28,7 +28,7 @@ from .mail import cli as mail_cli
 from .mail import outbox
 from .schemas import RegisterSchema
 
-users = AppGroup("users", help="Create, list, activate, deactivate and delete users; set a password.")
+users = AppGroup("users", help="Create, list, activate, deactivate and delete users; set a password; turn MFA off.")
 sessions = AppGroup("sessions", help="Revoke and prune sessions.")
 tokens = AppGroup("tokens", help="Prune one-time link tokens (password reset, email).")
 
@@ -179,6 +179,19 @@ def set_password(user: str, password_stdin: bool) -> None:
     data = _checked(found.email, found.username, _read_password(password_stdin))
     revoked, _ = accounts.replace_password(found, data["password"])
     click.echo(f"password set for user {found.id} {found.username}; {revoked} session(s) revoked")
+
+
+@users.command("reset-mfa")
+@click.argument("user")
+@_clean_errors
+def reset_mfa(user: str) -> None:
+    """Turn multi-factor authentication off for USER (id, email or username), who lost the
+    authenticator and the recovery codes, and end all of its sessions; the user logs in
+    with the password alone and can set MFA up again."""
+    found = accounts.find_user(user)
+    was_on, revoked = mfa.reset(found)
+    state = "turned off" if was_on else "was not on"
+    click.echo(f"MFA {state} for user {found.id} {found.username}; {revoked} session(s) revoked")
 
 
 @sessions.command("revoke-all")

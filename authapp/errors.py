@@ -62,6 +62,14 @@ class UserInactive(AppError):
     status, code, detail = 401, "USER_INACTIVE", "User account is inactive"
 
 
+class InvalidMfaCode(AppError):
+    status, code, detail = 401, "INVALID_MFA_CODE", "Invalid, expired or already used code"
+
+
+class MfaRequired(AppError):
+    status, code, detail = 403, "MFA_REQUIRED", "This needs a session that passed the second factor (aal2)"
+
+
 class NotFound(AppError):
     status, code, detail = 404, "NOT_FOUND", "Resource not found"
 
@@ -76,6 +84,14 @@ class EmailNotVerified(AppError):
 
 class UserAlreadyExists(AppError):
     status, code, detail = 409, "USER_ALREADY_EXISTS", "A user with this email or username already exists"
+
+
+class MfaAlreadyEnabled(AppError):
+    status, code, detail = 409, "MFA_ALREADY_ENABLED", "Multi-factor authentication is already on"
+
+
+class MfaNotEnabled(AppError):
+    status, code, detail = 409, "MFA_NOT_ENABLED", "Multi-factor authentication is not on"
 
 
 class PayloadTooLarge(AppError):

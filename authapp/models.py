@@ -16,11 +16,12 @@ from sqlalchemy import (
     String,
     Text,
     func,
+    select,
     text,
     true,
     types,
 )
-from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy.orm import Mapped, column_property, mapped_column, relationship
 
 from . import clock
 from .extensions import Base, db
@@ -98,6 +99,10 @@ class AuthSession(Model):
     revoked_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
     ip: Mapped[str | None] = mapped_column(String(45), nullable=True)
     user_agent: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # The assurance level the session was authenticated at (aal1: a password; aal2: a
+    # password and a second factor), and how (RFC 8176 values, space-separated).
+    aal: Mapped[str] = mapped_column(String(8), nullable=False, default="aal1", server_default="aal1")
+    amr: Mapped[str] = mapped_column(String(32), nullable=False, default="pwd", server_default="pwd")
 
     user: Mapped[User] = relationship(lazy="raise")
 
@@ -229,3 +234,38 @@ class SigningKey(Model):
             postgresql_where=text("state = 'active'"),
         ),
     )
+
+
+class MfaTotp(Model):
+    """A user's TOTP factor: pending (`enabled_at` None) from setup until a code confirms
+    it, then on. The secret is stored only sealed (authapp/auth/keys.py); `last_used_step`
+    is the time step of the last code accepted, so that no code is accepted twice."""
+
+    __tablename__ = "mfa_totp"
+
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    secret_sealed: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    enabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_used_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class MfaRecoveryCode(Model):
+    """One single-use recovery code of a user with MFA on; only its SHA-256 is kept."""
+
+    __tablename__ = "mfa_recovery_codes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+    code_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    __table_args__ = (Index("uq_mfa_recovery_codes_user_code", "user_id", "code_hash", unique=True),)
+
+
+# When the user's MFA was turned on (None: off), loaded with every User (the `mfa_enabled`
+# of the API's User object).
+User.mfa_enabled_at = column_property(
+    select(MfaTotp.enabled_at).where(MfaTotp.user_id == User.id).correlate_except(MfaTotp).scalar_subquery()
+)

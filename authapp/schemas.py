@@ -7,7 +7,7 @@ from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
 from flask import g
-from marshmallow import Schema, ValidationError, fields, validates_schema
+from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 from . import settings
 from .auth import passwords
@@ -21,6 +21,8 @@ USERNAME_MAX_LENGTH = 50
 USERNAME_PATTERN = rf"^[A-Za-z0-9_.-]{{{USERNAME_MIN_LENGTH},{USERNAME_MAX_LENGTH}}}$"
 USERNAME_RE = re.compile(USERNAME_PATTERN)
 EMAIL_MAX_LENGTH = 100
+TOTP_CODE_PATTERN = r"^[0-9]{6}$"
+TOTP_CODE_RE = re.compile(r"[0-9]{6}")  # ASCII digits only: \d would take other scripts' digits
 
 
 class Timestamp(fields.DateTime):
@@ -159,6 +161,15 @@ class ChangePasswordSchema(Schema):
         _check_new_password(data["new_password"], username=user.username, email=user.email, field="new_password")
 
 
+def _mfa_enabled_at(user: Any) -> Any:
+    """When the user's MFA was turned on: a User read from the database has it loaded
+    (authapp.models), and so has the session check's row; a User just inserted has not,
+    and has no second factor. Never a query of its own."""
+    if hasattr(user, "_sa_instance_state"):
+        return user.__dict__.get("mfa_enabled_at")
+    return user.mfa_enabled_at
+
+
 class UserSchema(Schema):
     id = fields.Integer()
     email = fields.String()
@@ -170,8 +181,10 @@ class UserSchema(Schema):
         lambda user: user.email_verified_at is not None,
         metadata={"type": "boolean", "description": "The address was shown to be the user's (a link was used)"},
     )
-    # No second factor exists yet: always false until one does.
-    mfa_enabled = fields.Function(lambda user: bool(getattr(user, "mfa_enabled", False)), metadata={"type": "boolean"})
+    mfa_enabled = fields.Function(
+        lambda user: _mfa_enabled_at(user) is not None,
+        metadata={"type": "boolean", "description": "A second factor (TOTP) is required at login"},
+    )
 
 
 class TokenResponseSchema(Schema):
@@ -179,7 +192,23 @@ class TokenResponseSchema(Schema):
     refresh_token = fields.String(required=True)
     token_type = fields.String(required=True, metadata={"example": "bearer"})
     expires_in = fields.Integer(required=True, metadata={"description": "Access token lifetime in seconds"})
+    aal = fields.String(metadata={"enum": ["aal1", "aal2"], "description": "The session's assurance level"})
     user = fields.Nested(UserSchema, required=True)
+
+
+class LoginResponseSchema(Schema):
+    """A TokenResponse; for an account with MFA on, an MfaChallenge instead: only
+    `mfa_required: true`, `mfa_token` and `expires_in` (the challenge's, in seconds), for
+    POST /auth/mfa/verify."""
+
+    access_token = fields.String()
+    refresh_token = fields.String()
+    token_type = fields.String(metadata={"example": "bearer"})
+    expires_in = fields.Integer(metadata={"description": "Access token (or MFA challenge) lifetime in seconds"})
+    aal = fields.String(metadata={"enum": ["aal1", "aal2"], "description": "The session's assurance level"})
+    user = fields.Nested(UserSchema)
+    mfa_required = fields.Boolean(metadata={"description": "MfaChallenge only: the second factor is needed"})
+    mfa_token = fields.String(metadata={"description": "MfaChallenge only: single-use, for POST /auth/mfa/verify"})
 
 
 class RegisterResponseSchema(Schema):
@@ -212,6 +241,50 @@ class ChangeEmailSchema(Schema):
     current_password = Password(required=True)
 
 
+class TotpCode(Text):
+    """A TOTP code: exactly six ASCII digits."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **_with_rules(kwargs, pattern=TOTP_CODE_PATTERN, example="123456"))
+
+    def _deserialize(self, value, attr, data, **kwargs) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if not TOTP_CODE_RE.fullmatch(text):
+            raise ValidationError("The code must be 6 digits.")
+        return text
+
+
+class MfaSetupResponseSchema(Schema):
+    secret = fields.String(metadata={"description": "The TOTP secret (base32), shown this once"})
+    otpauth_uri = fields.String(metadata={"description": "otpauth://totp/... for an authenticator app"})
+    qr_svg = fields.String(metadata={"description": "The URI as a QR code, an SVG document"})
+
+
+class MfaEnableSchema(Schema):
+    code = TotpCode(required=True)
+
+
+class RecoveryCodesSchema(Schema):
+    recovery_codes = fields.List(fields.String(), metadata={"description": "Single-use codes, shown this once"})
+
+
+class MfaVerifySchema(Schema):
+    mfa_token = Text(required=True, metadata={"description": "The MfaChallenge's token"})
+    code = TotpCode(metadata={"description": "Give either code or recovery_code."})
+    recovery_code = Text(
+        validate=validate.Length(max=64), metadata={"description": "Give either code or recovery_code."}
+    )
+
+    @validates_schema
+    def _one_factor(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if ("code" in data) == ("recovery_code" in data):
+            raise ValidationError("Give exactly one of code or recovery_code.", "_body")
+
+
+class CurrentPasswordSchema(Schema):
+    current_password = Password(required=True)
+
+
 class AcceptedSchema(Schema):
     status = fields.String(metadata={"enum": ["accepted"]})
 
@@ -223,6 +296,8 @@ class SessionSchema(Schema):
     expires_at = Timestamp()
     ip = fields.String(allow_none=True)
     user_agent = fields.String(allow_none=True)
+    aal = fields.String(metadata={"enum": ["aal1", "aal2"], "description": "The session's assurance level"})
+    amr = fields.List(fields.String(), metadata={"description": "How it was authenticated (RFC 8176): pwd, otp"})
     current = fields.Boolean(metadata={"description": "The session of the access token used"})
 
 

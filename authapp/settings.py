@@ -49,6 +49,7 @@ class Settings:
     previous_token_derivation_keys: tuple[bytes, ...]
     token_issuer: str
     token_audience: str
+    mfa_issuer: str
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Settings:
@@ -79,6 +80,7 @@ class Settings:
             previous_token_derivation_keys=tuple(s.encode() for s in config.get("JWT_PREVIOUS_SECRET_KEYS", [])),
             token_issuer=config["JWT_ISSUER"],
             token_audience=config["JWT_AUDIENCE"],
+            mfa_issuer=config["MFA_ISSUER"],
         )
 
     def __repr__(self) -> str:  # never shows the derivation key

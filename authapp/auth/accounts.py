@@ -9,13 +9,13 @@ from sqlalchemy import Select, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from .. import audit, clock, identifiers, settings
+from .. import audit, clock, identifiers, ratelimit, settings
 from ..database import unit_of_work
-from ..errors import InvalidCredentials, NotFound, UserAlreadyExists
+from ..errors import AppError, InvalidCredentials, NotFound, UserAlreadyExists
 from ..mail import outbox
 from ..models import AuthSession, RefreshToken, User
 from . import links, mailings, passwords, sessions
-from .context import Client
+from .context import AuthContext, Client
 
 
 class CredentialsChanged(InvalidCredentials):
@@ -124,6 +124,29 @@ def register(email: str, username: str, password: str, client: Client) -> dict[s
 
 
 # -- Activation and passwords -------------------------------------------------------------
+
+
+def count_attempt(account: str, user_id: int | None) -> None:
+    """Count one password (or second-factor) check on the account's lockout, or raise
+    RATE_LIMITED (audited)."""
+    try:
+        ratelimit.count_attempt(account)
+    except AppError:
+        audit.record(audit.LOGIN_LOCKED, user_id=user_id)
+        raise
+
+
+def check_current_password(auth: AuthContext, password: str, failure_event: str, **fields: Any) -> str:
+    """The stored hash, once `password` is shown to be the user's current one; a wrong
+    one is INVALID_CREDENTIALS (audited as `failure_event`) and counts on the account's
+    lockout like a failed login, so a stolen access token cannot guess without limit."""
+    count_attempt(ratelimit.account_key(auth.user_id, ""), auth.user_id)
+    with unit_of_work() as db:  # the auth context's user row carries no hash
+        stored = db.scalar(select(User.hashed_password).where(User.id == auth.user_id))
+    if stored is None or not passwords.verify_password(password, stored):
+        audit.record(failure_event, user_id=auth.user_id, sid=auth.session_id, reason="wrong_password", **fields)
+        raise InvalidCredentials()
+    return stored
 
 
 def set_active(user: User, active: bool) -> int:

@@ -15,7 +15,7 @@ from sqlalchemy import bindparam, select
 from .. import clock
 from ..database import autocommit_read
 from ..errors import InvalidToken, TokenExpired, TokenRevoked, UserInactive
-from ..models import AuthSession, User
+from ..models import AuthSession, MfaTotp, User
 from . import keys
 
 
@@ -32,7 +32,11 @@ OPERATOR = Client()
 
 @dataclass(frozen=True, slots=True)
 class AuthContext:
-    """A live session's access token, checked: its user, its session, its assurance level."""
+    """A live session's access token, checked: its user, its session, its assurance level.
+
+    The level is the session row's, not the token's claim: enabling MFA raises the level
+    of the session it happens in at once, while that session's access token, minted
+    before, still says aal1 until its next refresh."""
 
     user_id: int
     session_id: str
@@ -45,10 +49,19 @@ class AuthContext:
 # The user's public columns and the session's state, by primary keys: the one statement of
 # every protected request. A Core select of columns (no ORM entity to build and track) is
 # the cheapest way there. Not the password hash: a flow that needs it reads it itself.
+# `mfa_enabled_at` comes from the user's MFA row (by its primary key), as a User has it.
 PUBLIC_USER_COLUMNS = ("id", "username", "email", "is_active", "created_at", "last_login", "email_verified_at")
 _SESSION_CHECK = (
-    select(*(User.__table__.c[name] for name in PUBLIC_USER_COLUMNS), AuthSession.revoked_at, AuthSession.expires_at)
+    select(
+        *(User.__table__.c[name] for name in PUBLIC_USER_COLUMNS),
+        MfaTotp.enabled_at.label("mfa_enabled_at"),
+        AuthSession.revoked_at,
+        AuthSession.expires_at,
+        AuthSession.aal,
+        AuthSession.amr,
+    )
     .join(AuthSession, AuthSession.user_id == User.id)
+    .outerjoin(MfaTotp, MfaTotp.user_id == User.id)
     .where(AuthSession.id == bindparam("sid"), User.id == bindparam("user_id"))
 )
 
@@ -78,4 +91,4 @@ def authenticate(claims: dict[str, Any]) -> AuthContext:
         raise TokenExpired()
     if row.revoked_at is not None:
         raise TokenRevoked()
-    return AuthContext(user_id=user_id, session_id=sid, user=row)
+    return AuthContext(user_id=user_id, session_id=sid, user=row, aal=row.aal, amr=tuple(row.amr.split()))

@@ -146,12 +146,32 @@ def _associated_data(kid: str, algorithm: str) -> bytes:
     return f"authapp signing key {kid} {algorithm}".encode()
 
 
+def seal_bytes(plain: bytes, associated_data: bytes, config: dict[str, Any]) -> bytes:
+    """`plain` encrypted with AES-256-GCM under the key derived from JWT_SECRET_KEY, bound to
+    `associated_data` (what the ciphertext belongs to): signing keys and TOTP secrets at rest."""
+    nonce = os.urandom(12)
+    return _SEAL_VERSION + nonce + _sealing_keys(config)[0].encrypt(nonce, plain, associated_data)
+
+
+def open_sealed(sealed: bytes, associated_data: bytes, config: dict[str, Any]) -> bytes | None:
+    """What `seal_bytes` sealed, opened with the current or a previous secret; None when
+    none of them opens it (or the format is unknown)."""
+    if not sealed.startswith(_SEAL_VERSION):
+        return None
+    nonce, ciphertext = sealed[1:13], sealed[13:]
+    for aead in _sealing_keys(config):
+        try:
+            return aead.decrypt(nonce, ciphertext, associated_data)
+        except InvalidTag:
+            continue
+    return None
+
+
 def seal(private_key: Any, kid: str, algorithm: str, config: dict[str, Any]) -> bytes:
     der = private_key.private_bytes(
         serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    nonce = os.urandom(12)
-    return _SEAL_VERSION + nonce + _sealing_keys(config)[0].encrypt(nonce, der, _associated_data(kid, algorithm))
+    return seal_bytes(der, _associated_data(kid, algorithm), config)
 
 
 class UnsealableKey(ServiceUnavailable):
@@ -169,12 +189,8 @@ def unseal(sealed: bytes, kid: str, algorithm: str, config: dict[str, Any]) -> A
     """The private key of a sealed row, opened with the current or a previous secret."""
     if not sealed.startswith(_SEAL_VERSION):
         raise UnsealableKey(f"signing key {kid} is stored in an unknown sealed-key format")
-    nonce, ciphertext = sealed[1:13], sealed[13:]
-    for aead in _sealing_keys(config):
-        try:
-            der = aead.decrypt(nonce, ciphertext, _associated_data(kid, algorithm))
-        except InvalidTag:
-            continue
+    der = open_sealed(sealed, _associated_data(kid, algorithm), config)
+    if der is not None:
         return serialization.load_der_private_key(der, password=None)
     log.error(
         "signing key %s cannot be opened: it was sealed with a secret that is neither JWT_SECRET_KEY "

@@ -5,25 +5,13 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from sqlalchemy import select
-
 from .. import audit, clock, ratelimit, settings
 from ..database import unit_of_work
-from ..errors import AppError, EmailNotVerified, InvalidCredentials, ValidationFailed
+from ..errors import EmailNotVerified, InvalidCredentials, ValidationFailed
 from ..mail import outbox
-from ..models import User
-from . import accounts, mailings, passwords, sessions
-from .accounts import user_query
+from . import accounts, mailings, mfa, passwords, sessions
+from .accounts import count_attempt, user_query
 from .context import AuthContext, Client
-
-
-def count_attempt(account: str, user_id: int | None) -> None:
-    """Count one password check on the account's lockout, or raise RATE_LIMITED (audited)."""
-    try:
-        ratelimit.count_attempt(account)
-    except AppError:
-        audit.record(audit.LOGIN_LOCKED, user_id=user_id)
-        raise
 
 
 def login(password: str, client: Client, email: str | None = None, username: str | None = None) -> dict[str, Any]:
@@ -61,16 +49,28 @@ def login(password: str, client: Client, email: str | None = None, username: str
     if passwords.needs_rehash(user.hashed_password, rounds):
         values["hashed_password"] = passwords.hash_password(password, rounds)
         values["updated_at"] = now
+    challenge = None
     with unit_of_work() as db:
+        if mfa.is_enabled(db, user.id):
+            # Not logged in yet: no last_login, no session, the failed-login count kept
+            # until the second factor (auth.mfa.verify).
+            del values["last_login"]
         # Only if the hash checked above is still the stored one and the user still
         # active: a password change, reset or deactivation that committed while bcrypt
         # ran wins, and a rehash never overwrites a newer password's hash.
-        won = accounts.write_if_unchanged(db, user.id, user.hashed_password, values)
-        if won:
+        # (With nothing to write, the hash over itself: the same check, the same lock.)
+        unchanged = values or {"hashed_password": user.hashed_password}
+        won = accounts.write_if_unchanged(db, user.id, user.hashed_password, unchanged)
+        if won and "last_login" not in values:
+            challenge = mfa.challenge(db, user.id, values.get("hashed_password", user.hashed_password), now)
+        elif won:
             issued = sessions.start(db, user.id, now, client)
     if not won:
         audit.record(audit.LOGIN_FAILURE, user_id=user.id, reason="credentials_changed")
         raise InvalidCredentials()
+    if challenge is not None:
+        audit.record(audit.MFA_CHALLENGE_ISSUED, user_id=user.id, by="login")
+        return challenge
     ratelimit.clear_failures(account)
     user.last_login = now
     audit.record(audit.LOGIN_SUCCESS, user_id=user.id, sid=issued.session.id)
@@ -85,12 +85,7 @@ def change_password(auth: AuthContext, client: Client, current_password: str, ne
     stolen access token cannot be used to guess it without limit.
     """
     account = ratelimit.account_key(auth.user_id, "")
-    count_attempt(account, auth.user_id)
-    with unit_of_work() as db:  # the auth context's user row carries no hash
-        stored = db.scalar(select(User.hashed_password).where(User.id == auth.user_id))
-    if stored is None or not passwords.verify_password(current_password, stored):
-        audit.record(audit.PASSWORD_CHANGE_FAILED, user_id=auth.user_id, sid=auth.session_id, reason="wrong_password")
-        raise InvalidCredentials()
+    stored = accounts.check_current_password(auth, current_password, audit.PASSWORD_CHANGE_FAILED)
     if passwords.normalize(new_password) == passwords.normalize(current_password):
         raise ValidationFailed(errors={"new_password": ["New password must differ from the current one."]})
     try:

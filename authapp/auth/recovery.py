@@ -11,7 +11,7 @@ queues the notice that the password changed.
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import update
 
@@ -20,7 +20,7 @@ from ..database import unit_of_work
 from ..errors import ValidationFailed
 from ..mail import outbox
 from ..models import AuthSession, User
-from . import links, mailings, passwords, sessions
+from . import links, mailings, mfa, passwords, sessions
 from .accounts import user_query
 from .context import Client
 
@@ -86,10 +86,19 @@ def reset(token: str, new_password: str, client: Client) -> dict[str, Any]:
         revoked = sessions.revoke(db, PASSWORD_RESET, now, AuthSession.user_id == user.id)
         # A pending change of address (perhaps an attacker's) dies with the old password.
         links.void(db, user.id, links.PASSWORD_RESET, links.CHANGE_EMAIL)
-        issued = sessions.start(db, user.id, now, client)
+        if mfa.is_enabled(db, user.id):  # the new password is the first step of a login
+            issued, challenge = None, mfa.challenge(db, user.id, hashed, now)
+        else:
+            issued, challenge = sessions.start(db, user.id, now, client), None
         notice = mailings.password_changed(db, user, now)
     for name, value in values.items():
         setattr(user, name, value)
+    if issued is None:
+        # The failed-login count stays until the second factor is given (auth.mfa.verify).
+        audit.record(audit.PASSWORD_RESET, user_id=user.id, sessions_revoked=revoked, mfa_required=True)
+        audit.record(audit.MFA_CHALLENGE_ISSUED, user_id=user.id, by="password_reset")
+        outbox.record(notice)
+        return cast(dict[str, Any], challenge)
     ratelimit.clear_failures(ratelimit.account_key(user.id, ""))
     audit.record(audit.PASSWORD_RESET, user_id=user.id, sid=issued.session.id, sessions_revoked=revoked)
     issued.record_ended()

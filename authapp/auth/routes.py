@@ -18,10 +18,16 @@ from ..schemas import (
     AcceptedSchema,
     ChangeEmailSchema,
     ChangePasswordSchema,
+    CurrentPasswordSchema,
+    LoginResponseSchema,
     LoginSchema,
     LogoutSchema,
+    MfaEnableSchema,
+    MfaSetupResponseSchema,
+    MfaVerifySchema,
     PasswordResetRequestSchema,
     PasswordResetSchema,
+    RecoveryCodesSchema,
     RefreshSchema,
     RegisterResponseSchema,
     RegisterSchema,
@@ -30,7 +36,7 @@ from ..schemas import (
     UserSchema,
     VerifyEmailSchema,
 )
-from . import accounts, context, recovery, sessions, verification
+from . import accounts, context, mfa, recovery, sessions, verification
 from . import login as login_flow
 from . import refresh as refresh_flow
 from .context import Client
@@ -91,10 +97,11 @@ def register(data):
 @blp.post("/login")
 @limiter.limit(ratelimit.login_limit)
 @json_body(LoginSchema)
-@blp.response(200, TokenResponseSchema)
+@blp.response(200, LoginResponseSchema)
 @errors(401, 403, 429)
 def login(data):
-    """Log in by email or by username; starts a session (403 EMAIL_NOT_VERIFIED with EMAIL_VERIFICATION=required)."""
+    """Log in by email or by username; starts a session, or answers an MfaChallenge when MFA is on
+    (403 EMAIL_NOT_VERIFIED with EMAIL_VERIFICATION=required)."""
     return login_flow.login(**data, client=client())
 
 
@@ -180,10 +187,11 @@ def password_reset_request(data):
 @blp.post("/password-reset")
 @limiter.limit(ratelimit.login_limit)
 @json_body(PasswordResetSchema)
-@blp.response(200, TokenResponseSchema)
+@blp.response(200, LoginResponseSchema)
 @errors(429)
 def password_reset(data):
-    """Set a new password with a reset link's token; ends every session and starts a new one."""
+    """Set a new password with a reset link's token; ends every session and starts a new one
+    (or answers an MfaChallenge when MFA is on)."""
     return recovery.reset(data["token"], data["new_password"], client())
 
 
@@ -218,3 +226,60 @@ def change_email(data, auth):
     """Change the address (the current password is required): a link goes to the new address."""
     verification.request_change(auth, data["new_email"], data["current_password"])
     return ACCEPTED
+
+
+# -- Multi-factor authentication (TOTP) ---------------------------------------------------
+
+
+@blp.post("/mfa/totp/setup")
+@limiter.limit(ratelimit.login_limit)
+@authenticated
+@json_body(CurrentPasswordSchema)
+@blp.response(200, MfaSetupResponseSchema)
+@errors(409, 429)
+def mfa_setup(data, auth):
+    """Start TOTP setup (the current password is required): a secret, its otpauth:// URI and QR code."""
+    return mfa.setup(auth, data["current_password"])
+
+
+@blp.post("/mfa/totp/enable")
+@limiter.limit(ratelimit.login_limit)
+@authenticated
+@json_body(MfaEnableSchema)
+@blp.response(200, RecoveryCodesSchema)
+@errors(409, 429)
+def mfa_enable(data, auth):
+    """Confirm the pending setup with a code: MFA on, recovery codes shown once, every other session ended."""
+    return mfa.enable(auth, data["code"])
+
+
+@blp.post("/mfa/verify")
+@limiter.limit(ratelimit.login_limit)
+@json_body(MfaVerifySchema)
+@blp.response(200, TokenResponseSchema)
+@errors(401, 429)
+def mfa_verify(data):
+    """The second step of a login: the MfaChallenge's token and a TOTP code or a recovery code."""
+    return mfa.verify(data["mfa_token"], client(), code=data.get("code"), recovery_code=data.get("recovery_code"))
+
+
+@blp.post("/mfa/recovery-codes")
+@limiter.limit(ratelimit.login_limit)
+@authenticated
+@json_body(CurrentPasswordSchema)
+@blp.response(200, RecoveryCodesSchema)
+@errors(403, 409, 429)
+def mfa_recovery_codes(data, auth):
+    """A new set of recovery codes (aal2 session and the current password); the old set is void."""
+    return mfa.regenerate_recovery_codes(auth, data["current_password"])
+
+
+@blp.post("/mfa/disable")
+@limiter.limit(ratelimit.login_limit)
+@authenticated
+@json_body(CurrentPasswordSchema)
+@blp.response(204)
+@errors(403, 409, 429)
+def mfa_disable(data, auth):
+    """Turn MFA off (aal2 session and the current password); every other session ends."""
+    mfa.disable(auth, data["current_password"])

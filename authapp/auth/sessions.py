@@ -31,6 +31,14 @@ REUSE_DETECTED = "refresh_token_reuse"
 ADMIN = "admin"
 USER_DEACTIVATED = "user_deactivated"
 SESSION_LIMIT = "session_limit"
+MFA_ENABLED = "mfa_enabled"
+MFA_DISABLED = "mfa_disabled"
+MFA_RESET = "mfa_reset"
+
+# Assurance levels (NIST SP 800-63B) and how a session was authenticated (RFC 8176).
+AAL1, AAL2 = "aal1", "aal2"
+PASSWORD_ONLY = ("pwd",)
+SECOND_FACTOR = ("pwd", "otp")
 
 
 @dataclass
@@ -52,9 +60,12 @@ class Issued:
         return tokens.mint_pair(user, self.session, self.refresh, self.jti)
 
 
-def start(db: Session, user_id: int, now: datetime, client: Client) -> Issued:
-    """Add a session and its first refresh token to the unit of work, ending the user's
-    oldest live sessions when it would make more than SESSION_MAX_PER_USER."""
+def start(
+    db: Session, user_id: int, now: datetime, client: Client, *, aal: str = AAL1, amr: tuple[str, ...] = PASSWORD_ONLY
+) -> Issued:
+    """Add a session (at level `aal`, authenticated by `amr`) and its first refresh token
+    to the unit of work, ending the user's oldest live sessions when it would make more
+    than SESSION_MAX_PER_USER."""
     # Callers have written the user's row in this transaction (login and change-password
     # update it, register inserts it) and hold its lock: two logins of one user count the
     # live sessions one after the other.
@@ -74,6 +85,8 @@ def start(db: Session, user_id: int, now: datetime, client: Client) -> Issued:
         expires_at=now + settings.current().session_lifetime,
         ip=client.ip,
         user_agent=client.user_agent,
+        aal=aal,
+        amr=" ".join(amr),
     )
     db.add(auth_session)
     return Issued(auth_session, *new_refresh_token(db, auth_session, tokens.new_jti(), None, now), list(ended))
@@ -177,6 +190,8 @@ def list_live(auth: AuthContext) -> list[dict[str, Any]]:
             "expires_at": s.expires_at,
             "ip": s.ip,
             "user_agent": s.user_agent,
+            "aal": s.aal,
+            "amr": s.amr.split(),
             "current": s.id == auth.session_id,
         }
         for s in rows

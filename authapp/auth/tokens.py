@@ -45,11 +45,6 @@ def jti_hash(jti: str) -> str:
     return hashlib.sha256(jti.encode()).hexdigest()
 
 
-# Until the MFA flows set them per session: a password session.
-AAL = "aal1"
-AMR = ("pwd",)
-
-
 def _derive(jti: str, purpose: str, key: bytes | None = None) -> str:
     key = key or settings.current().token_derivation_key
     return hmac.new(key, f"{purpose}:{jti}".encode(), hashlib.sha256).hexdigest()[:32]
@@ -85,10 +80,12 @@ def mint_pair(user: Any, session: AuthSession, refresh: RefreshToken, refresh_jt
     access = {**common, "exp": access_exp, "jti": _derive(refresh_jti, "access"), "type": "access"}
     refresh_claims = {**common, "exp": int(refresh.expires_at.timestamp()), "jti": refresh_jti, "type": "refresh"}
     return {
-        "access_token": keys.sign({**access, "aal": AAL, "amr": list(AMR)}, signing, access=True),
+        # The session's level (auth.mfa raises it), which its refreshes keep.
+        "access_token": keys.sign({**access, "aal": session.aal, "amr": session.amr.split()}, signing, access=True),
         "refresh_token": keys.sign(refresh_claims, signing, access=False),
         "token_type": TOKEN_TYPE,
         "expires_in": access_exp - iat,
+        "aal": session.aal,
         "user": user,
     }
 

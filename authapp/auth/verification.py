@@ -16,12 +16,11 @@ from sqlalchemy.exc import IntegrityError
 
 from .. import audit, clock, ratelimit, settings
 from ..database import unit_of_work
-from ..errors import InvalidCredentials, UserAlreadyExists, ValidationFailed
+from ..errors import UserAlreadyExists, ValidationFailed
 from ..mail import outbox
 from ..models import User
-from . import links, mailings, passwords
+from . import accounts, links, mailings
 from .context import AuthContext
-from .login import count_attempt
 
 OFF, OPTIONAL, REQUIRED = "off", "optional", "required"
 
@@ -95,14 +94,8 @@ def verify(token: str) -> User:
 def request_change(auth: AuthContext, new_email: str, current_password: str) -> None:
     """Check the password, then send a confirmation link to `new_email` and a notice to
     the current address."""
-    account = ratelimit.account_key(auth.user_id, "")
-    count_attempt(account, auth.user_id)
-    with unit_of_work() as db:
-        stored = db.scalar(select(User.hashed_password).where(User.id == auth.user_id))
-    if stored is None or not passwords.verify_password(current_password, stored):
-        audit.record(audit.EMAIL_CHANGE_FAILED, user_id=auth.user_id, sid=auth.session_id, reason="wrong_password")
-        raise InvalidCredentials()
-    ratelimit.clear_failures(account)
+    accounts.check_current_password(auth, current_password, audit.EMAIL_CHANGE_FAILED)
+    ratelimit.clear_failures(ratelimit.account_key(auth.user_id, ""))
     user = auth.user
     if new_email == user.email.lower():
         raise ValidationFailed(errors={"new_email": ["This is already the account's address."]})

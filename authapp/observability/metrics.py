@@ -65,6 +65,16 @@ MAIL_OUTCOMES = {
     audit.MAIL_GIVEN_UP: "given_up",
 }
 
+# Multi-factor authentication's outcomes (authapp/auth/mfa.py), by the audit event of each.
+MFA_OUTCOMES = {
+    audit.MFA_ENABLED: "enabled",
+    audit.MFA_DISABLED: "disabled",
+    audit.MFA_CHALLENGE_ISSUED: "challenged",
+    audit.MFA_CHALLENGE_FAILED: "failed",
+    audit.RECOVERY_CODE_USED: "recovery_code_used",
+    audit.RECOVERY_CODES_REGENERATED: "recovery_codes_regenerated",
+}
+
 
 def multiprocess_dir() -> str | None:
     """The directory prometheus_client writes to, as it reads it: from the environment."""
@@ -162,6 +172,16 @@ class Metrics:
         )
         for outcome in MAIL_OUTCOMES.values():
             self.mail_messages.labels(outcome)
+        self.mfa_events = Counter(
+            "authapp_mfa_events",
+            "Multi-factor authentication by outcome: enabled, disabled, challenged (a right "
+            "password, the second factor asked for), verified (a session at aal2), failed (a "
+            "wrong, reused or late code), recovery_code_used, recovery_codes_regenerated.",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in (*MFA_OUTCOMES.values(), "verified"):
+            self.mfa_events.labels(outcome)
         self.mail_waiting = Gauge(
             "authapp_mail_outbox_waiting",
             "Messages in the outbox waiting to be delivered (queued or being sent), read from the "
@@ -222,6 +242,11 @@ class Metrics:
         outcome = MAIL_OUTCOMES.get(event_name)
         if outcome is not None:
             self.mail_messages.labels(outcome).inc()
+        mfa_outcome = MFA_OUTCOMES.get(event_name)
+        if event_name == audit.LOGIN_SUCCESS and fields.get("aal") == "aal2":
+            mfa_outcome = "verified"
+        if mfa_outcome is not None:
+            self.mfa_events.labels(mfa_outcome).inc()
 
     def publish_outbox(self) -> None:
         """Read the outbox's backlog from the database (skipped while it is unreachable:
