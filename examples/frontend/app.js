@@ -428,11 +428,19 @@
   }
 
   // The second step, with a code from the app or a recovery code. A wrong code keeps the
-  // step open: the mfa_token is spent only by a success.
+  // step open: the mfa_token is spent only by a success. Any other 401 means that no code
+  // can help any more (the token expired or was used, the password changed meanwhile):
+  // back to the password.
   async function verifyMfa(form, field) {
     const value = field === "code" ? totpCode(form) : String(new FormData(form).get(field)).trim();
     form.reset();
-    const pair = await request("POST", "/auth/mfa/verify", { body: { mfa_token: mfaToken, [field]: value } });
+    let pair;
+    try {
+      pair = await request("POST", "/auth/mfa/verify", { body: { mfa_token: mfaToken, [field]: value } });
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 401 && err.code !== "INVALID_MFA_CODE") endMfaStep();
+      throw err;
+    }
     endMfaStep();
     await signIn(pair);
     if (field === "recovery_code") {

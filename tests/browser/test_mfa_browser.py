@@ -184,13 +184,15 @@ def test_set_up_log_in_with_code_and_recovery_code_then_turn_off(site, api, fron
     assert [e for e in watch.console_errors() if "the server responded with a status of 4" not in e] == []
 
 
-def test_second_step_cancelled_and_the_page_keeps_nothing(site, api, client, browser_page):
+def test_second_step_cancelled_or_dead_and_the_page_keeps_nothing(site, api, client, browser_page):
     username, email = new_user()
     site.register(email, username, PASSWORD)
     site.submit("mfa-setup", password=PASSWORD)
     authenticator = Authenticator(site.testid("mfa-secret").inner_text())
     site.submit("mfa-enable", code=authenticator.code())
     expect(site.testid("me-mfa")).to_have_text("on")
+    codes = site.testid("recovery-code").all_inner_texts()
+    assert len(codes) == 10
     site.click("logout")
     # Logging out took the recovery codes off the page even though "saved" was never pressed.
     expect(site.testid("mfa-codes")).to_be_hidden()
@@ -204,6 +206,18 @@ def test_second_step_cancelled_and_the_page_keeps_nothing(site, api, client, bro
     assert "/auth/mfa/verify" not in [path for _, path in browser_page.watch.api_calls(api.url)]
     assert_not_kept(site, mfa_token)
     browser_page.screenshot("cancelled")
+
+    # A challenge spent elsewhere meanwhile: no code can help, the page asks for the password again.
+    mfa_token = log_in_to_second_step(site, api, username)
+    spent = client.post("/auth/mfa/verify", json={"mfa_token": mfa_token, "recovery_code": codes[0]})
+    assert spent.status_code == 200, spent.get_json()
+    site.submit("mfa-recovery", code=codes[1])
+    shown = site.error()
+    assert shown["code"] == "INVALID_TOKEN" and shown["request_id"], shown
+    expect(site.testid("mfa-step")).to_be_hidden()
+    expect(site.testid("signed-out")).to_be_visible()
+    assert_not_kept(site, mfa_token)
+    browser_page.screenshot("dead-challenge")
 
 
 def test_the_qr_code_runs_nothing_whatever_it_contains(site, api, browser_page):
