@@ -187,12 +187,16 @@ class UserSchema(Schema):
     )
 
 
+def _aal() -> fields.String:
+    return fields.String(metadata={"enum": ["aal1", "aal2"], "description": "The session's assurance level"})
+
+
 class TokenResponseSchema(Schema):
     access_token = fields.String(required=True)
     refresh_token = fields.String(required=True)
     token_type = fields.String(required=True, metadata={"example": "bearer"})
     expires_in = fields.Integer(required=True, metadata={"description": "Access token lifetime in seconds"})
-    aal = fields.String(metadata={"enum": ["aal1", "aal2"], "description": "The session's assurance level"})
+    aal = _aal()
     user = fields.Nested(UserSchema, required=True)
 
 
@@ -205,7 +209,7 @@ class LoginResponseSchema(Schema):
     refresh_token = fields.String()
     token_type = fields.String(metadata={"example": "bearer"})
     expires_in = fields.Integer(metadata={"description": "Access token (or MFA challenge) lifetime in seconds"})
-    aal = fields.String(metadata={"enum": ["aal1", "aal2"], "description": "The session's assurance level"})
+    aal = _aal()
     user = fields.Nested(UserSchema)
     mfa_required = fields.Boolean(metadata={"description": "MfaChallenge only: the second factor is needed"})
     mfa_token = fields.String(metadata={"description": "MfaChallenge only: single-use, for POST /auth/mfa/verify"})
@@ -219,6 +223,7 @@ class RegisterResponseSchema(Schema):
     refresh_token = fields.String()
     token_type = fields.String(metadata={"example": "bearer"})
     expires_in = fields.Integer(metadata={"description": "Access token lifetime in seconds"})
+    aal = _aal()
     user = fields.Nested(UserSchema, required=True)
     email_verification_required = fields.Boolean()
 
@@ -296,7 +301,7 @@ class SessionSchema(Schema):
     expires_at = Timestamp()
     ip = fields.String(allow_none=True)
     user_agent = fields.String(allow_none=True)
-    aal = fields.String(metadata={"enum": ["aal1", "aal2"], "description": "The session's assurance level"})
+    aal = _aal()
     amr = fields.List(fields.String(), metadata={"description": "How it was authenticated (RFC 8176): pwd, otp"})
     current = fields.Boolean(metadata={"description": "The session of the access token used"})
 

@@ -21,7 +21,7 @@ def test_register_returns_token_response(client):
     )
     assert response.status_code == 201
     body = response.get_json()
-    assert set(body) == {"access_token", "refresh_token", "token_type", "expires_in", "user"}
+    assert set(body) == {"access_token", "refresh_token", "token_type", "expires_in", "aal", "user"}
     assert body["token_type"] == "bearer"
     assert body["expires_in"] == 1800
     user = body["user"]

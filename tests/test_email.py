@@ -156,7 +156,7 @@ def test_reset_revokes_every_session_clears_the_lockout_and_verifies_the_address
     response = client.post("/auth/password-reset", json={"token": token, "new_password": NEW_PASSWORD})
     assert response.status_code == 200, response.get_json()
     body = response.get_json()
-    assert set(body) == {"access_token", "refresh_token", "token_type", "expires_in", "user"}
+    assert set(body) == {"access_token", "refresh_token", "token_type", "expires_in", "aal", "user"}
     assert body["user"]["email_verified"] is True and body["user"]["mfa_enabled"] is False
     assert token not in response.get_data(as_text=True)
     for old in (first, second):

@@ -20,7 +20,8 @@ from helpers import PASSWORD, assert_error, base_settings, bearer, http, live_se
 from sqlalchemy import select, update
 
 from authapp import clock, create_app
-from authapp.auth import links, mfa, tokens
+from authapp.auth import links, mfa
+from authapp.auth import tokens as token_service
 from authapp.database import unit_of_work
 from authapp.extensions import db
 from authapp.models import AuthSession, MfaRecoveryCode, MfaTotp
@@ -674,7 +675,7 @@ def test_enabling_while_another_session_refreshes_leaves_that_session_revoked(pg
             assert status == 200 and "access_token" in other
             _, _, body = http("POST", f"{base}/auth/mfa/totp/setup", {"current_password": PASSWORD}, bearer(access))
             code = code_at(body["secret"], frozen.now())
-            undo = _at_once(monkeypatch, (mfa, "matching_step"), (tokens, "decode_refresh_token"))
+            undo = _at_once(monkeypatch, (mfa, "matching_step"), (token_service, "decode_refresh_token"))
             enabled, refreshed = _in_threads(
                 lambda code=code: http("POST", f"{base}/auth/mfa/totp/enable", {"code": code}, bearer(access)),
                 lambda other=other: post_json(f"{base}/auth/refresh", {"refresh_token": other["refresh_token"]}),
@@ -697,3 +698,34 @@ def test_enabling_while_another_session_refreshes_leaves_that_session_revoked(pg
             # Off again for the next trial (the enabling session is aal2).
             assert http("POST", f"{base}/auth/mfa/disable", {"current_password": PASSWORD}, bearer(access))[0] == 204
             frozen.move(3 * STEP)
+
+
+def test_deleting_a_user_erases_its_factor_and_recovery_codes(app, client, tokens, frozen):
+    enable_mfa(client, tokens, frozen)
+    result = app.test_cli_runner().invoke(args=["users", "delete", "alice", "--yes"])
+    assert result.exit_code == 0, result.output
+    with app.app_context():
+        assert db.session.scalars(select(MfaTotp)).all() == []
+        assert db.session.scalars(select(MfaRecoveryCode)).all() == []
+    # A new account (SQLite may give it the same id) starts without MFA.
+    again = client.post(
+        "/auth/register", json={"email": "alice@example.com", "username": "alice", "password": PASSWORD}
+    )
+    assert again.get_json()["user"]["mfa_enabled"] is False
+    assert "access_token" in login(client).get_json()
+
+
+def test_a_password_change_in_an_aal2_session_starts_an_aal2_session(client, tokens, frozen):
+    enabled = enable_mfa(client, tokens, frozen)
+    session = verify(client, challenge(client), code=code_at(enabled.secret, frozen.now())).get_json()
+    changed = client.post(
+        "/auth/change-password",
+        headers=bearer(session["access_token"]),
+        json={"current_password": PASSWORD, "new_password": NEW_PASSWORD},
+    )
+    assert changed.status_code == 200, changed.get_json()
+    body = changed.get_json()
+    assert body["aal"] == "aal2" and claims(body["access_token"])["amr"] == ["pwd", "otp"]
+    assert regenerate(client, body["access_token"], NEW_PASSWORD).status_code == 200
+    # And the next login still asks for the second factor.
+    assert challenge(client, password=NEW_PASSWORD)

@@ -228,7 +228,11 @@ def test_list_sessions(client, tokens):
     current = by_id[claims(other["access_token"])["sid"]]
     assert current["current"] is True and current["user_agent"] == "TestBrowser/1.0" and current["ip"] == "127.0.0.1"
     assert by_id[claims(tokens["access_token"])["sid"]]["current"] is False
-    assert set(current) == {"id", "created_at", "last_used_at", "expires_at", "ip", "user_agent", "current"}
+    assert set(current) == {"id", "created_at", "last_used_at", "expires_at", "ip", "user_agent", "current"} | {
+        "aal",
+        "amr",
+    }
+    assert (current["aal"], current["amr"]) == ("aal1", ["pwd"])
     client.post("/auth/logout", headers=bearer(tokens["access_token"]))
     listed = client.get("/auth/sessions", headers=bearer(other["access_token"])).get_json()["sessions"]
     assert [s["id"] for s in listed] == [current["id"]]

@@ -175,7 +175,12 @@ def write_if_unchanged(db: Session, user_id: int, checked_hash: str, values: dic
 
 
 def replace_password(
-    user: Any, password: str, client: Client | None = None, *, checked_hash: str | None = None
+    user: Any,
+    password: str,
+    client: Client | None = None,
+    *,
+    checked_hash: str | None = None,
+    auth: AuthContext | None = None,
 ) -> tuple[int, sessions.Issued | None]:
     """Store a new password and end every session of the user; with `client` (the user's
     own change) start a new session in the same transaction. Returns (revoked, issued).
@@ -183,7 +188,8 @@ def replace_password(
     With `checked_hash` (the hash a current password was just checked against) the write
     happens only over that hash and for a still-active user: of two changes racing with
     the same current password, or a change racing a reset or a deactivation, the first one
-    wins and the other gets INVALID_CREDENTIALS. An operator's change always wins.
+    wins and the other gets INVALID_CREDENTIALS. An operator's change always wins. The new
+    session keeps the level of `auth`'s (an account with MFA on has aal2 sessions only).
     """
     hashed = passwords.hash_password(password, settings.current().bcrypt_rounds)
     now = clock.now()
@@ -196,7 +202,10 @@ def replace_password(
             raise CredentialsChanged()
         revoked = sessions.revoke(db, sessions.PASSWORD_CHANGED, now, AuthSession.user_id == user.id)
         if client is not None:
-            issued = sessions.start(db, user.id, now, client)
+            if auth is not None:
+                issued = sessions.start(db, user.id, now, client, aal=auth.aal, amr=auth.amr)
+            else:
+                issued = sessions.start(db, user.id, now, client)
         # Links sent before the change (a reset, a change of address) die with the old password.
         links.void(db, user.id, links.PASSWORD_RESET, links.CHANGE_EMAIL)
         notice = mailings.password_changed(db, user, now)

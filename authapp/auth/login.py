@@ -89,7 +89,7 @@ def change_password(auth: AuthContext, client: Client, current_password: str, ne
     if passwords.normalize(new_password) == passwords.normalize(current_password):
         raise ValidationFailed(errors={"new_password": ["New password must differ from the current one."]})
     try:
-        _revoked, issued = accounts.replace_password(auth.user, new_password, client, checked_hash=stored)
+        _revoked, issued = accounts.replace_password(auth.user, new_password, client, checked_hash=stored, auth=auth)
     except accounts.CredentialsChanged:
         audit.record(
             audit.PASSWORD_CHANGE_FAILED, user_id=auth.user_id, sid=auth.session_id, reason="credentials_changed"
