@@ -219,7 +219,8 @@
       meta.className = "meta";
       meta.textContent =
         `from ${session.ip || "unknown address"} · started ${session.created_at} · ` +
-        `last used ${session.last_used_at || "never"} · ends ${session.expires_at}`;
+        `last used ${session.last_used_at || "never"} · ends ${session.expires_at}` +
+        (session.aal === "aal2" ? " · with two-factor authentication" : "");
       li.append(title, meta);
       if (session.current) {
         const mark = document.createElement("span");

@@ -97,6 +97,7 @@ def test_set_up_log_in_with_code_and_recovery_code_then_turn_off(site, api, fron
     expect(site.testid("mfa-on")).to_be_visible()
     expect(site.testid("notice")).to_contain_text("Two-factor authentication is on")
     expect(site.sessions()).to_have_count(1)  # every other session was logged out
+    expect(site.sessions().first).to_contain_text("with two-factor authentication")  # raised to aal2
     revoked = client.get("/auth/me", headers=bearer(other["access_token"]))
     assert revoked.get_json()["error_code"] == "TOKEN_REVOKED"
     assert_not_kept(site, secret)  # the key left the page
@@ -170,6 +171,7 @@ def test_set_up_log_in_with_code_and_recovery_code_then_turn_off(site, api, fron
     expect(site.testid("mfa-setup-form")).to_be_visible()
     expect(site.testid("mfa-on")).to_be_hidden()
     expect(site.testid("notice")).to_contain_text("Two-factor authentication is off")
+    expect(site.sessions()).to_have_count(1)
     revoked = client.get("/auth/me", headers=bearer(third.get_json()["access_token"]))
     assert revoked.get_json()["error_code"] == "TOKEN_REVOKED"
     site.click("logout")
@@ -178,6 +180,7 @@ def test_set_up_log_in_with_code_and_recovery_code_then_turn_off(site, api, fron
     assert "access_token" in login.value.json()
     expect(site.testid("me-username")).to_have_text(username)
     expect(site.testid("mfa-step")).to_be_hidden()
+    expect(site.sessions().first).not_to_contain_text("two-factor")  # a password alone: aal1
     browser_page.screenshot("off")
 
     site.assert_tokens_only_in_memory(site.issued_tokens(api.url))
