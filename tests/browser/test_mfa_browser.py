@@ -187,7 +187,8 @@ def test_set_up_log_in_with_code_and_recovery_code_then_turn_off(site, api, fron
     assert [e for e in watch.console_errors() if "the server responded with a status of 4" not in e] == []
 
 
-def test_second_step_cancelled_or_dead_and_the_page_keeps_nothing(site, api, client, browser_page):
+def test_second_step_cancelled_dead_or_timed_out_and_the_page_keeps_nothing(site, api, client, browser_page):
+    site.page.clock.install()  # the page's timers, which this test moves on at the end
     username, email = new_user()
     site.register(email, username, PASSWORD)
     site.submit("mfa-setup", password=PASSWORD)
@@ -221,6 +222,17 @@ def test_second_step_cancelled_or_dead_and_the_page_keeps_nothing(site, api, cli
     expect(site.testid("signed-out")).to_be_visible()
     assert_not_kept(site, mfa_token)
     browser_page.screenshot("dead-challenge")
+
+    # The challenge lives 5 minutes (expires_in): then the page lets go of it too.
+    mfa_token = log_in_to_second_step(site, api, username)
+    site.page.clock.run_for("04:59")
+    expect(site.testid("mfa-step")).to_be_visible()
+    site.page.clock.run_for("00:01")
+    expect(site.testid("mfa-step")).to_be_hidden()
+    expect(site.testid("signed-out")).to_be_visible()
+    expect(site.testid("notice")).to_have_text("The login timed out before the second step: log in again.")
+    assert_not_kept(site, mfa_token)
+    browser_page.screenshot("timed-out")
 
 
 def test_the_qr_code_runs_nothing_whatever_it_contains(site, api, browser_page):
