@@ -729,3 +729,35 @@ def test_a_password_change_in_an_aal2_session_starts_an_aal2_session(client, tok
     assert regenerate(client, body["access_token"], NEW_PASSWORD).status_code == 200
     # And the next login still asks for the second factor.
     assert challenge(client, password=NEW_PASSWORD)
+
+
+def test_the_migration_keeps_every_session_and_token_both_ways(app, client, tokens, frozen):
+    import flask_migrate
+    from sqlalchemy import func
+
+    from authapp.models import RefreshToken
+
+    def counts() -> tuple[int, int]:
+        with app.app_context():
+            connection = db.session.connection()
+            result = (
+                connection.execute(select(func.count()).select_from(AuthSession.__table__)).scalar_one(),
+                connection.execute(select(func.count()).select_from(RefreshToken.__table__)).scalar_one(),
+            )
+            db.session.commit()
+            db.engine.dispose()
+            return result
+
+    login(client)
+    before = counts()
+    assert before == (2, 2)
+    with app.app_context():
+        flask_migrate.downgrade(revision="0005_email")
+        db.engine.dispose()
+    assert counts() == before
+    with app.app_context():
+        flask_migrate.upgrade()
+        db.engine.dispose()
+    assert counts() == before
+    refreshed = client.post("/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+    assert refreshed.status_code == 200 and refreshed.get_json()["aal"] == "aal1"

@@ -17,10 +17,10 @@ depends_on = None
 
 
 def upgrade():
-    # The sessions that exist already were all started with a password alone.
-    with op.batch_alter_table("sessions") as batch:
-        batch.add_column(sa.Column("aal", sa.String(length=8), nullable=False, server_default="aal1"))
-        batch.add_column(sa.Column("amr", sa.String(length=32), nullable=False, server_default="pwd"))
+    # The sessions that exist already were all started with a password alone. A plain
+    # ALTER TABLE ... ADD COLUMN on SQLite too (no copy of the table, see downgrade).
+    op.add_column("sessions", sa.Column("aal", sa.String(length=8), nullable=False, server_default="aal1"))
+    op.add_column("sessions", sa.Column("amr", sa.String(length=32), nullable=False, server_default="pwd"))
     op.create_table(
         "mfa_totp",
         sa.Column("user_id", sa.Integer(), nullable=False),
@@ -50,6 +50,7 @@ def downgrade():
     op.drop_index("uq_mfa_recovery_codes_user_code", table_name="mfa_recovery_codes")
     op.drop_table("mfa_recovery_codes")
     op.drop_table("mfa_totp")
-    with op.batch_alter_table("sessions") as batch:
-        batch.drop_column("amr")
-        batch.drop_column("aal")
+    # ALTER TABLE ... DROP COLUMN (SQLite has it since 3.35), never a batch copy: copying
+    # drops the old table, and with foreign keys on that deletes every refresh token.
+    op.drop_column("sessions", "amr")
+    op.drop_column("sessions", "aal")
