@@ -1,5 +1,7 @@
 // authapp example frontend: register, log in, show the user, list and revoke sessions, log out;
-// forgot password, reset password, verify email, change email (the pages the email links open).
+// forgot password, reset password, verify email, change email (the pages the email links open);
+// two-factor authentication: set up an authenticator app, the second step of a login, new
+// recovery codes, turning it off.
 //
 // Where the tokens live: in the two variables below and nowhere else. Not localStorage, not
 // sessionStorage, not a cookie, not the URL: any script that runs on this origin can read
@@ -16,6 +18,8 @@
   let refreshing = null; // the refresh in flight, shared by every call that needs it
   let pending = 0;
   let linkToken = null; // the token of an email link's fragment, held like the session's tokens
+  let mfaToken = null; // between the password and the second step of a login, held likewise
+  let mfaTimer = null; // ends the second step when the mfa_token expires
 
   class ApiError extends Error {
     constructor(status, body, requestId) {
@@ -71,6 +75,12 @@
     return err instanceof ApiError && err.status === 401 && err.code === "TOKEN_EXPIRED";
   }
 
+  // A 401 that ends the session in the page. INVALID_CREDENTIALS does not: it answers a wrong
+  // current_password (two-factor settings, change of email), and the session is still good.
+  function endsSession(err) {
+    return err instanceof ApiError && err.status === 401 && !isExpired(err) && err.code !== "INVALID_CREDENTIALS";
+  }
+
   function refreshTokens() {
     if (!refreshing) {
       refreshing = request("POST", "/auth/refresh", { body: { refresh_token: refreshToken } })
@@ -107,7 +117,7 @@
         return await request(method, path, { body, auth: true });
       }
     } catch (err) {
-      if (err instanceof ApiError && err.status === 401 && !isExpired(err)) forgetSession();
+      if (endsSession(err)) forgetSession();
       throw err;
     }
   }
@@ -134,9 +144,12 @@
 
   function render(user) {
     $("signed-in").hidden = !user;
-    $("signed-out").hidden = Boolean(user);
+    $("signed-out").hidden = Boolean(user) || Boolean(mfaToken);
     if (!user) {
       $("sessions").replaceChildren();
+      // The key and the recovery codes leave the page with the session.
+      hideEnrollment();
+      hideRecoveryCodes();
       return;
     }
     $("me-username").textContent = user.username;
@@ -146,6 +159,52 @@
     $("verify-request").hidden = Boolean(user.email_verified);
     $("me-created-at").textContent = user.created_at;
     $("me-last-login").textContent = user.last_login || "never";
+    $("me-mfa").textContent = user.mfa_enabled ? "on" : "off";
+    $("mfa-on").hidden = !user.mfa_enabled;
+    $("mfa-off").hidden = Boolean(user.mfa_enabled) || !$("mfa-enroll").hidden;
+  }
+
+  // The QR code is an SVG document from the API. It goes into the page as the source of an
+  // <img>, never as markup: an SVG shown as an image runs no script, loads nothing and takes
+  // no events, whatever it contains, while SVG markup inserted into the page (innerHTML)
+  // would be live, with <script>, event attributes and links. data: is the one addition to
+  // the page's img-src for it.
+  function showEnrollment(setup) {
+    $("mfa-qr").src = `data:image/svg+xml;charset=utf-8,${encodeURIComponent(setup.qr_svg)}`;
+    $("mfa-secret").textContent = setup.secret;
+    // A link opens an authenticator app on a phone; only an otpauth: URI may become one,
+    // never a javascript: or http: URL.
+    const uri = String(setup.otpauth_uri || "");
+    const link = $("mfa-otpauth");
+    link.hidden = !uri.startsWith("otpauth://");
+    if (link.hidden) link.removeAttribute("href");
+    else link.href = uri;
+    $("mfa-enroll").hidden = false;
+    $("mfa-off").hidden = true;
+  }
+
+  function hideEnrollment() {
+    $("mfa-enroll").hidden = true;
+    $("mfa-qr").removeAttribute("src");
+    $("mfa-secret").textContent = "";
+    $("mfa-otpauth").removeAttribute("href");
+    $("mfa-enable-form").reset();
+  }
+
+  function showRecoveryCodes(codes) {
+    const items = codes.map((code) => {
+      const li = document.createElement("li");
+      li.dataset.testid = "recovery-code";
+      li.textContent = code;
+      return li;
+    });
+    $("mfa-recovery-codes").replaceChildren(...items);
+    $("mfa-codes").hidden = false;
+  }
+
+  function hideRecoveryCodes() {
+    $("mfa-recovery-codes").replaceChildren();
+    $("mfa-codes").hidden = true;
   }
 
   function renderSessions(sessions) {
@@ -160,7 +219,8 @@
       meta.className = "meta";
       meta.textContent =
         `from ${session.ip || "unknown address"} · started ${session.created_at} · ` +
-        `last used ${session.last_used_at || "never"} · ends ${session.expires_at}`;
+        `last used ${session.last_used_at || "never"} · ends ${session.expires_at}` +
+        (session.aal === "aal2" ? " · with two-factor authentication" : "");
       li.append(title, meta);
       if (session.current) {
         const mark = document.createElement("span");
@@ -241,9 +301,13 @@
     const identifier = String(data.get("identifier")).trim();
     const body = identifier.includes("@") ? { email: identifier } : { username: identifier };
     body.password = data.get("password");
-    const pair = await request("POST", "/auth/login", { body });
+    const answer = await request("POST", "/auth/login", { body });
     form.reset();
-    await signIn(pair);
+    if (answer.mfa_required) {
+      startMfaStep(answer);
+      return;
+    }
+    await signIn(answer);
   }
 
   async function loadMe() {
@@ -282,11 +346,16 @@
   async function resetPassword(form) {
     const body = { token: linkToken, new_password: new FormData(form).get("new_password") };
     // A password the policy refuses spends nothing: the API's messages show, and the same link works again.
-    const pair = await request("POST", "/auth/password-reset", { body });
+    const answer = await request("POST", "/auth/password-reset", { body });
     form.reset();
     linkToken = null;
     $("reset-view").hidden = true;
-    await signIn(pair);
+    if (answer.mfa_required) {
+      startMfaStep(answer);
+      notice("Your password was changed and every other device was logged out. Enter a code to log in.");
+      return;
+    }
+    await signIn(answer);
     notice("Your password was changed and every other device was logged out. You are logged in.");
   }
 
@@ -328,6 +397,106 @@
     $(view).hidden = false;
   }
 
+  // -- Two-factor authentication ----------------------------------------------------------
+
+  function startMfaStep(challenge) {
+    mfaToken = challenge.mfa_token;
+    clearTimeout(mfaTimer);
+    // The API refuses the token after expires_in seconds; the page lets go of it then too.
+    mfaTimer = setTimeout(() => {
+      endMfaStep();
+      clearMessages();
+      notice("The login timed out before the second step: log in again.");
+    }, Number(challenge.expires_in || 300) * 1000);
+    $("signed-out").hidden = true;
+    $("mfa-step").hidden = false;
+    $("mfa-verify-code").focus();
+  }
+
+  function endMfaStep() {
+    mfaToken = null;
+    clearTimeout(mfaTimer);
+    mfaTimer = null;
+    $("mfa-verify-form").reset();
+    $("mfa-recovery-form").reset();
+    $("mfa-step").hidden = true;
+    $("signed-out").hidden = Boolean(accessToken);
+  }
+
+  // Apps show a code as "123 456", and a pasted one may keep the space.
+  function totpCode(form) {
+    return String(new FormData(form).get("code")).replace(/\s+/g, "");
+  }
+
+  // The second step, with a code from the app or a recovery code. A wrong code keeps the
+  // step open: the mfa_token is spent only by a success. Any other 401 means that no code
+  // can help any more (the token expired or was used, the password changed meanwhile):
+  // back to the password.
+  async function verifyMfa(form, field) {
+    const value = field === "code" ? totpCode(form) : String(new FormData(form).get(field)).trim();
+    form.reset();
+    let pair;
+    try {
+      pair = await request("POST", "/auth/mfa/verify", { body: { mfa_token: mfaToken, [field]: value } });
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 401 && err.code !== "INVALID_MFA_CODE") endMfaStep();
+      throw err;
+    }
+    endMfaStep();
+    await signIn(pair);
+    if (field === "recovery_code") {
+      notice("You are logged in. That recovery code is used up: make new ones if few are left.");
+    }
+  }
+
+  async function setupMfa(form) {
+    const setup = await authed("POST", "/auth/mfa/totp/setup", {
+      current_password: new FormData(form).get("current_password"),
+    });
+    form.reset();
+    hideRecoveryCodes();
+    showEnrollment(setup);
+    $("mfa-enable-code").focus();
+  }
+
+  async function enableMfa(form) {
+    const body = await authed("POST", "/auth/mfa/totp/enable", { code: totpCode(form) });
+    hideEnrollment();
+    showRecoveryCodes(body.recovery_codes);
+    await reload(); // MFA is on now, and every other session was logged out
+    notice("Two-factor authentication is on. Every other device was logged out.");
+  }
+
+  async function regenerateRecoveryCodes(form) {
+    const body = await authed("POST", "/auth/mfa/recovery-codes", {
+      current_password: new FormData(form).get("current_password"),
+    });
+    form.reset();
+    showRecoveryCodes(body.recovery_codes);
+    notice("Here are your new recovery codes: the old ones no longer work.");
+  }
+
+  async function disableMfa(form) {
+    await authed("POST", "/auth/mfa/disable", { current_password: new FormData(form).get("current_password") });
+    form.reset();
+    hideRecoveryCodes();
+    await reload();
+    notice("Two-factor authentication is off. Every other device was logged out.");
+  }
+
+  async function copyRecoveryCodes() {
+    const list = $("mfa-recovery-codes");
+    const codes = Array.from(list.children, (li) => li.textContent);
+    try {
+      await navigator.clipboard.writeText(codes.join("\n") + "\n");
+      notice("The recovery codes are on the clipboard.");
+    } catch (err) {
+      // No clipboard (a page not served over HTTPS, or a browser that refuses): select them instead.
+      window.getSelection().selectAllChildren(list);
+      notice("The browser did not let the page copy: the codes are selected, copy them with Ctrl+C (⌘C).");
+    }
+  }
+
   async function logout() {
     try {
       await authed("POST", "/auth/logout", { refresh_token: refreshToken });
@@ -341,28 +510,38 @@
 
   $("api-base").textContent = API || "(set apiBaseUrl in config.js)";
   $("page-origin").textContent = window.location.origin;
-  $("register-form").addEventListener("submit", (event) => {
-    event.preventDefault();
-    run(() => register(event.target));
-  });
-  $("login-form").addEventListener("submit", (event) => {
-    event.preventDefault();
-    run(() => login(event.target));
-  });
-  $("forgot-form").addEventListener("submit", (event) => {
-    event.preventDefault();
-    run(() => forgotPassword(event.target));
-  });
-  $("reset-form").addEventListener("submit", (event) => {
-    event.preventDefault();
-    run(() => resetPassword(event.target));
-  });
+  const onSubmit = (testid, action) =>
+    $(testid).addEventListener("submit", (event) => {
+      event.preventDefault();
+      run(() => action(event.target));
+    });
+  onSubmit("register-form", register);
+  onSubmit("login-form", login);
+  onSubmit("forgot-form", forgotPassword);
+  onSubmit("reset-form", resetPassword);
   $("verify-submit").addEventListener("click", () => run(verifyEmail));
   $("verify-request").addEventListener("click", () => run(requestVerification));
-  $("change-email-form").addEventListener("submit", (event) => {
-    event.preventDefault();
-    run(() => changeEmail(event.target));
+  onSubmit("change-email-form", changeEmail);
+  onSubmit("mfa-verify-form", (form) => verifyMfa(form, "code"));
+  onSubmit("mfa-recovery-form", (form) => verifyMfa(form, "recovery_code"));
+  $("mfa-cancel").addEventListener("click", () => {
+    clearMessages();
+    endMfaStep();
   });
+  onSubmit("mfa-setup-form", setupMfa);
+  onSubmit("mfa-enable-form", enableMfa);
+  $("mfa-enroll-cancel").addEventListener("click", () => {
+    clearMessages();
+    hideEnrollment();
+    $("mfa-off").hidden = false;
+  });
+  $("mfa-codes-copy").addEventListener("click", () => run(copyRecoveryCodes));
+  $("mfa-codes-done").addEventListener("click", () => {
+    clearMessages();
+    hideRecoveryCodes();
+  });
+  onSubmit("mfa-regenerate-form", regenerateRecoveryCodes);
+  onSubmit("mfa-disable-form", disableMfa);
   $("reload").addEventListener("click", () => run(reload));
   $("logout").addEventListener("click", () => run(logout));
   render(null);

@@ -8,19 +8,24 @@ import http.server
 import ipaddress
 import json
 import threading
+import time
 import urllib.parse
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jwt
+import pyotp
 from flask import Flask
 from werkzeug.serving import make_server
 
 ROOT = Path(__file__).resolve().parents[2]
 FRONTEND_DIR = ROOT / "examples" / "frontend"
 LINK_PAGES = ("/reset-password", "/verify-email")  # as examples/frontend/serve.py serves them
+TOTP_STEP = 30  # seconds: RFC 6238's time step, the contract's
 
 
 def is_loopback(url: str) -> bool:
@@ -123,7 +128,7 @@ class StaticSite:
 
 # -- The example page ---------------------------------------------------------------------
 
-TOKEN_PATHS = ("/auth/register", "/auth/login", "/auth/refresh")
+TOKEN_PATHS = ("/auth/register", "/auth/login", "/auth/refresh", "/auth/mfa/verify")
 
 # Everywhere the page's origin could keep a token between two visits, or show one.
 STORED = """async () => ({
@@ -194,8 +199,8 @@ class FrontendPage:
         for request in self.bp.watch.requests:
             if request.method == "POST" and request.url in [api_url + path for path in TOKEN_PATHS]:
                 response = request.response()
-                if response is not None and response.status in (200, 201):
-                    body = response.json()
+                body = response.json() if response is not None and response.status in (200, 201) else {}
+                if "access_token" in body:  # not a login's MfaChallenge, which has no session yet
                     tokens += [body["access_token"], body["refresh_token"]]
         return tokens
 
@@ -211,6 +216,46 @@ class FrontendPage:
         state = self.page.context.storage_state()
         assert state["cookies"] == [] and all(origin["localStorage"] == [] for origin in state["origins"]), state
         assert self.bp.watch.reported("storage") == [] and self.bp.watch.reported("cookie") == []
+
+
+def new_user() -> tuple[str, str]:
+    """A username and an email address that no other test uses."""
+    name = f"user{uuid.uuid4().hex[:8]}"
+    return name, f"{name}@example.com"
+
+
+def claims(token: str) -> dict:
+    """A token's claims, unverified: what the page was given."""
+    return jwt.decode(token, options={"verify_signature": False})
+
+
+class Authenticator:
+    """The user's authenticator app. The API accepts a code once, and a second code of the
+    same time step would be the same code: so each code is of a step later than the last
+    one's, waiting (until that step begins, no longer) when the clock has not got there."""
+
+    def __init__(self, secret: str) -> None:
+        self.totp = pyotp.TOTP(secret)  # SHA-1, 6 digits, 30 s: RFC 6238's defaults
+        self.last_step: int | None = None
+
+    def code(self) -> str:
+        step = int(time.time()) // TOTP_STEP
+        if self.last_step is not None and step <= self.last_step:
+            step = self.last_step + 1
+            while time.time() < step * TOTP_STEP:
+                time.sleep(step * TOTP_STEP - time.time() + 0.01)
+        self.last_step = step
+        return self.totp.at(step * TOTP_STEP)
+
+    def steps_since_last(self) -> int:
+        assert self.last_step is not None
+        return int(time.time()) // TOTP_STEP - self.last_step
+
+    def wrong_code(self) -> str:
+        """Six digits that no step the API accepts now (one step of drift either way) gives."""
+        now = time.time()
+        accepted = {self.totp.at(now + drift * TOTP_STEP) for drift in (-1, 0, 1)}
+        return next(code for code in (f"{n:06d}" for n in range(0, 10**6, 111_111)) if code not in accepted)
 
 
 def expect_idle(page: Any) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from browser_support import LiveServer, StaticSite, is_loopback, serve
+from browser_support import FrontendPage, LiveServer, StaticSite, is_loopback, serve
 
 OUTPUT_DIR = Path(os.environ.get("BROWSER_OUTPUT_DIR") or Path(__file__).resolve().parent / "output")
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -174,6 +174,13 @@ def api(app, frontend) -> Iterator[LiveServer]:
     with serve(app) as server:
         frontend.api_url = server.url
         yield server
+
+
+@pytest.fixture
+def site(browser_page, frontend, api) -> FrontendPage:
+    """The example page, open in the browser and pointed at the live API (a module whose page
+    needs more, such as a mail courier, overrides it)."""
+    return FrontendPage(browser_page, frontend).open()
 
 
 # -- Pages ------------------------------------------------------------------------------

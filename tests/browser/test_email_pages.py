@@ -9,8 +9,8 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from browser_support import FrontendPage
-from helpers import PASSWORD
+from browser_support import Authenticator, FrontendPage
+from helpers import PASSWORD, bearer
 from playwright.sync_api import expect
 
 from authapp.mail import courier
@@ -102,6 +102,33 @@ def test_forgot_password_then_reset_and_logged_in(site, client, mailbox, browser
     site.assert_tokens_only_in_memory(tokens_answered(browser_page, "/auth/password-reset"))
 
 
+def test_reset_of_a_two_factor_account_asks_for_a_code(site, client, mailbox, browser_page):
+    name, email = new_user(client)
+    access = client.post("/auth/login", json={"username": name, "password": PASSWORD}).get_json()["access_token"]
+    setup = client.post("/auth/mfa/totp/setup", json={"current_password": PASSWORD}, headers=bearer(access))
+    authenticator = Authenticator(setup.get_json()["secret"])
+    enabled = client.post("/auth/mfa/totp/enable", json={"code": authenticator.code()}, headers=bearer(access))
+    assert enabled.status_code == 200, enabled.get_json()
+    site.submit("forgot", email=email)
+    link = mailbox.wait_for(2, to=email)[-1].link()
+
+    open_link(site, link)
+    with site.page.expect_response(site.site.api_url + "/auth/password-reset") as reset:
+        site.submit("reset", **{"new-password": NEW_PASSWORD})
+    assert reset.value.json()["mfa_required"] is True and "access_token" not in reset.value.json()
+    assert site.error() == {}
+    expect(site.testid("notice")).to_contain_text("Enter a code to log in")
+    expect(site.testid("mfa-step")).to_be_visible()
+    expect(site.testid("signed-in")).to_be_hidden()
+    browser_page.screenshot("reset-second-step")
+    site.submit("mfa-verify", code=authenticator.code())
+    assert site.error() == {}
+    expect(site.testid("me-username")).to_have_text(name)
+    expect(site.testid("me-mfa")).to_have_text("on")
+    browser_page.screenshot("reset-done-with-code")
+    site.assert_tokens_only_in_memory(tokens_answered(browser_page, "/auth/mfa/verify"))
+
+
 def tokens_answered(browser_page, path: str) -> list[str]:
     """The access and refresh tokens of the page's successful POSTs to `path`."""
     tokens = []
@@ -139,6 +166,9 @@ def test_change_email(site, client, mailbox, browser_page):
     name, email = new_user(client)
     site.login(name, PASSWORD)
     new_email = f"{name}.new@example.com"
+    site.submit("change-email", new=new_email, password="not-the-password")
+    assert site.error()["code"] == "INVALID_CREDENTIALS"
+    expect(site.testid("signed-in")).to_be_visible()  # a wrong password does not end the session
     site.submit("change-email", new=new_email, password=PASSWORD)
     expect(site.testid("notice")).to_contain_text(f"A link was sent to {new_email}")
     browser_page.screenshot("change-email-requested")

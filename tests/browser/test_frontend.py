@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 from datetime import timedelta
 
-import jwt
 import pytest
-from browser_support import FrontendPage, StaticSite, expect_idle
+from browser_support import FrontendPage, StaticSite, claims, expect_idle, new_user
 from helpers import PASSWORD, bearer
 from playwright.sync_api import expect
 
@@ -24,20 +22,6 @@ HTTP_ERROR_IN_CONSOLE = re.compile(r"^Failed to load resource: the server respon
 @pytest.fixture
 def settings(frontend):
     return {"CORS_ORIGINS": frontend.origin}
-
-
-@pytest.fixture
-def site(browser_page, frontend, api) -> FrontendPage:
-    return FrontendPage(browser_page, frontend).open()
-
-
-def new_user() -> tuple[str, str]:
-    name = f"user{uuid.uuid4().hex[:8]}"
-    return name, f"{name}@example.com"
-
-
-def claims(token: str) -> dict:
-    return jwt.decode(token, options={"verify_signature": False})
 
 
 def only_http_errors_in_console(watch) -> None:
