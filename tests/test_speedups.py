@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import logging
 
+import flask_limiter
 import jwt
+import pytest
 from flask import Flask
+from flask_limiter import Limiter
 from helpers import base_settings, bearer
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from jwt.api_jws import PyJWS
 
 from authapp import create_app, speedups
+from authapp.extensions import limiter
 
 
 def test_all_are_installed_by_default(app):
@@ -40,6 +44,7 @@ def test_a_list_names_the_ones_to_use(database_url):
             "sync_callables": True,
             "lean_log_records": False,
             "pyjwt_segments": False,
+            "limiter_hooks": False,
         }
     finally:
         speedups.install(app, speedups.NAMES)
@@ -140,3 +145,83 @@ def test_the_fast_segment_check_stays_out_of_other_pyjwt_releases(app, monkeypat
     monkeypatch.setattr(jwt, "__version__", speedups.WRITTEN_FOR)
     monkeypatch.delattr(PyJWS, "_decode_base64url_segment")
     assert speedups.pyjwt_segments() is False
+
+
+# -- limiter_hooks ----------------------------------------------------------------------------
+
+
+def _limiter_hooks(app) -> list:
+    """Flask-Limiter's own hooks still in `app` (before, after, teardown)."""
+    found = [f for f in app.before_request_funcs.get(None, []) if f == limiter._check_request_limit]
+    found += [f for f in app.after_request_funcs.get(None, []) if getattr(f, "args", None) == (limiter,)]
+    found += [f for f in app.teardown_request_funcs.get(None, []) if f == limiter._Limiter__release_context]
+    return found
+
+
+LIMITED = {"RATELIMIT_ENABLED": "true", "LOGIN_RATE_LIMIT": "3/minute", "LOGIN_MAX_FAILURES": "100"}
+
+
+def _statuses(app) -> list[int]:
+    """A run of login attempts from two addresses and unlimited requests in between."""
+    client = app.test_client()
+    account = {"email": "hooks@example.com", "username": "hooks", "password": "correct horse battery staple 9"}
+    assert client.post("/auth/register", json=account).status_code == 201
+    statuses = []
+    for address in ("127.0.0.1", "127.0.0.1", "127.0.0.2", "127.0.0.1", "127.0.0.1", "127.0.0.2"):
+        statuses.append(client.get("/health/live", environ_base={"REMOTE_ADDR": address}).status_code)
+        login = {"username": "hooks", "password": "wrong password, surely"}
+        statuses.append(client.post("/auth/login", json=login, environ_base={"REMOTE_ADDR": address}).status_code)
+    return statuses
+
+
+def test_limiter_hooks_are_out_and_the_limits_stay_as_they_were(database_url, tmp_path):
+    def made(speedups_setting: str, name: str):
+        url = database_url if speedups_setting == "all" else f"sqlite:///{tmp_path / name}.db"
+        app = create_app(base_settings(DATABASE_URL=url, SPEEDUPS=speedups_setting, **LIMITED))
+        if speedups_setting != "all":
+            from authapp.extensions import db
+
+            with app.app_context():
+                db.create_all()
+        return app
+
+    fast = made("all", "fast")
+    try:
+        assert fast.extensions["authapp.speedups"]["limiter_hooks"] is True
+        assert _limiter_hooks(fast) == []
+        with_speedup = _statuses(fast)
+        own = made("none", "own")  # the limiter is shared: its counters start again (memory://)
+        assert len(_limiter_hooks(own)) == 3
+        assert with_speedup == _statuses(own) == [200, 401, 200, 401, 200, 401, 200, 401, 200, 429, 200, 401]
+    finally:
+        speedups.install(fast, speedups.NAMES)
+
+
+def test_limiter_hooks_stay_when_a_limit_needs_them():
+    app = Flask("defaults")
+    app.config.update(RATELIMIT_ENABLED=True, RATELIMIT_STORAGE_URI="memory://")
+    own = Limiter(key_func=lambda: "k", default_limits=["1/minute"], app=app)
+    assert speedups.limiter_needs_its_hooks(own)
+    assert speedups.drop_limiter_hooks(app, own) is False
+    assert own._check_request_limit in app.before_request_funcs[None]
+    app.get("/")(lambda: "ok")
+    client = app.test_client()
+    assert [client.get("/").status_code for _ in range(2)] == [200, 429]  # the default limit still applies
+
+
+def test_limiter_hooks_stay_with_another_flask_limiter_release(database_url, monkeypatch, log_lines):
+    monkeypatch.setattr(flask_limiter, "__version__", "9.9.9")
+    app = create_app(base_settings(DATABASE_URL=database_url, **LIMITED))
+    try:
+        assert app.extensions["authapp.speedups"]["limiter_hooks"] is False
+        assert len(_limiter_hooks(app)) == 3
+        (warning,) = [e for e in log_lines() if e.get("event") == "speedup_not_installed"]
+        assert warning["speedup"] == "limiter_hooks"
+    finally:
+        speedups.install(app, speedups.NAMES)
+
+
+@pytest.mark.parametrize("settings", [{"RATELIMIT_ENABLED": "false"}])
+def test_limiter_hooks_with_the_limits_off(app):
+    assert app.extensions["authapp.speedups"]["limiter_hooks"] is True
+    assert _limiter_hooks(app) == []
