@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 from flask import Response, request
+from flask_jwt_extended.exceptions import InvalidHeaderError, NoAuthorizationError
 
 # JSON answers are never rendered as documents: nothing may load, frame or submit.
 API_POLICY = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
@@ -56,3 +57,25 @@ def canonical_bearer_scheme() -> None:
     header = request.environ.get("HTTP_AUTHORIZATION")
     if header and not header.startswith("Bearer ") and _BEARER_SCHEME.match(header):
         request.environ["HTTP_AUTHORIZATION"] = _BEARER_SCHEME.sub("Bearer", header, count=1)
+
+
+_FIELD_SEPARATOR = re.compile(r",\s*")
+
+
+def bearer_token() -> str:
+    """The token of the request's `Authorization: Bearer <token>` header, read as
+    flask-jwt-extended reads it (a comma-separated list of fields may hold it, once), with
+    its errors: none there is NoAuthorizationError (MISSING_TOKEN), a malformed one
+    InvalidHeaderError (INVALID_TOKEN)."""
+    canonical_bearer_scheme()
+    header = request.environ.get("HTTP_AUTHORIZATION", "").strip().strip(",")
+    if not header:
+        raise NoAuthorizationError("Missing Authorization Header")
+    fields = _FIELD_SEPARATOR.split(header) if "," in header else [header]
+    bearer = [field for field in fields if field and field.split()[0] == "Bearer"]
+    if len(bearer) != 1:
+        raise NoAuthorizationError("Missing 'Bearer' type in 'Authorization' header")
+    parts = bearer[0].split()
+    if len(parts) != 2:
+        raise InvalidHeaderError("Bad Authorization header. Expected 'Authorization: Bearer <JWT>'")
+    return parts[1]

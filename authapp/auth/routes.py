@@ -8,7 +8,6 @@ from http import HTTPStatus
 from typing import Any
 
 from flask import g, request
-from flask_jwt_extended import get_jwt, verify_jwt_in_request
 from marshmallow import Schema
 
 from .. import ratelimit, security
@@ -30,7 +29,7 @@ from ..schemas import (
     UserSchema,
     VerifyEmailSchema,
 )
-from . import accounts, context, recovery, sessions, verification
+from . import accounts, context, keys, recovery, sessions, verification
 from . import login as login_flow
 from . import refresh as refresh_flow
 from .context import Client
@@ -70,9 +69,8 @@ def authenticated(view: Callable) -> Callable:
 
     @wraps(view)
     def check_token(*args: Any, **kwargs: Any) -> Any:
-        security.canonical_bearer_scheme()
-        verify_jwt_in_request()
-        auth = g.auth = context.authenticate(get_jwt())
+        claims = keys.decode_access_token(security.bearer_token())
+        auth = g.auth = context.authenticate(claims)
         return view(*args, auth=auth, **kwargs)
 
     return check_token
