@@ -7,7 +7,7 @@ from functools import wraps
 from http import HTTPStatus
 from typing import Any
 
-from flask import g, request
+from flask import g, jsonify, request
 from marshmallow import Schema
 
 from .. import ratelimit, security
@@ -28,6 +28,7 @@ from ..schemas import (
     TokenResponseSchema,
     UserSchema,
     VerifyEmailSchema,
+    user_out,
 )
 from . import accounts, context, keys, recovery, sessions, verification
 from . import login as login_flow
@@ -111,7 +112,7 @@ def refresh(data):
 @blp.response(200, UserSchema)
 def me(auth):
     """The user the access token belongs to."""
-    return auth.user
+    return jsonify(user_out(auth.user))  # what UserSchema would dump, without marshmallow
 
 
 @blp.post("/logout")
