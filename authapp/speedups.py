@@ -32,6 +32,13 @@ it was written for) logs a warning and leaves the library's own code in place.
   (checked when the app is made); the decorated routes keep their limits unchanged.
   Written for the Flask-Limiter release requirements.txt pins (it finds the hooks by
   their private names). Per app.
+- `hmac_keys`: before each HS256/384/512 signature check PyJWT makes sure the secret is no
+  public key, certificate or JSON (a PEM pattern, two DER parses that fail with an
+  exception each, a JSON parse that fails too): work per request on a secret that never
+  changes. The HMAC algorithm of each of the app's own HMAC keys (JWT_SECRET_KEY and
+  JWT_PREVIOUS_SECRET_KEYS) remembers the secret it accepted, through PyJWT's public
+  `HMACAlgorithm.prepare_key`, and answers the same for it; any other key gets PyJWT's
+  check. Per app.
 """
 
 from __future__ import annotations
@@ -44,12 +51,13 @@ from typing import Any
 
 import jwt
 from flask import Flask
+from jwt.algorithms import HMACAlgorithm
 from jwt.exceptions import DecodeError
-from jwt.utils import base64url_decode, base64url_encode
+from jwt.utils import base64url_decode, base64url_encode, force_bytes
 
 log = logging.getLogger("authapp.speedups")
 
-NAMES = ("sync_callables", "lean_log_records", "pyjwt_segments", "limiter_hooks")
+NAMES = ("sync_callables", "lean_log_records", "pyjwt_segments", "limiter_hooks", "hmac_keys")
 
 # -- sync_callables -----------------------------------------------------------------------
 
@@ -194,6 +202,39 @@ def drop_limiter_hooks(app: Flask, limiter: Any) -> bool:
     return True
 
 
+# -- hmac_keys ---------------------------------------------------------------------------
+
+
+class RememberingHMAC(HMACAlgorithm):
+    """PyJWT's HMAC algorithm whose `prepare_key` remembers the secrets it accepted."""
+
+    def __init__(self, hash_alg: Any) -> None:
+        super().__init__(hash_alg)
+        self.accepted: dict[bytes, bytes] = {}
+
+    def prepare_key(self, key: str | bytes) -> bytes:
+        key_bytes = force_bytes(key)
+        prepared = self.accepted.get(key_bytes)
+        if prepared is None:
+            prepared = super().prepare_key(key_bytes)  # refuses what PyJWT refuses
+            if len(self.accepted) < 8:
+                self.accepted[key_bytes] = prepared
+        return prepared
+
+
+def remember_hmac_keys(app: Flask) -> bool:
+    """Give each HMAC key of the app's key ring a `RememberingHMAC` (key pair algorithms:
+    nothing to do)."""
+    keyring = app.extensions["authapp_keys"]
+    if keyring.asymmetric:
+        return True
+    for key in keyring.current().keys.values():
+        verifier = key.verifier
+        if type(verifier.Algorithm) is HMACAlgorithm:
+            verifier.Algorithm = RememberingHMAC(verifier.Algorithm.hash_alg)
+    return True
+
+
 # -- Switching them -----------------------------------------------------------------------
 
 
@@ -205,6 +246,7 @@ def install(app: Flask, wanted: tuple[str, ...]) -> dict[str, bool]:
     installed = {
         "sync_callables": "sync_callables" in wanted and cache_sync_callables(app),
         "limiter_hooks": "limiter_hooks" in wanted and drop_limiter_hooks(app, limiter),
+        "hmac_keys": "hmac_keys" in wanted and remember_hmac_keys(app),
     }
     # Process-wide ones are switched both ways, so that an app made without them gets the
     # library's own code back.

@@ -4,6 +4,7 @@ library code it replaces, each off with SPEEDUPS, and a warning when one cannot 
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 
 import flask_limiter
 import jwt
@@ -45,6 +46,7 @@ def test_a_list_names_the_ones_to_use(database_url):
             "lean_log_records": False,
             "pyjwt_segments": False,
             "limiter_hooks": False,
+            "hmac_keys": False,
         }
     finally:
         speedups.install(app, speedups.NAMES)
@@ -225,3 +227,131 @@ def test_limiter_hooks_stay_with_another_flask_limiter_release(database_url, mon
 def test_limiter_hooks_with_the_limits_off(app):
     assert app.extensions["authapp.speedups"]["limiter_hooks"] is True
     assert _limiter_hooks(app) == []
+
+
+# -- The hot path's own: the user out, the liveness body, the security headers ---------------
+
+_WHEN = st.datetimes(timezones=st.just(UTC), min_value=datetime(1970, 1, 2), max_value=datetime(9998, 1, 1))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    user_id=st.integers(min_value=1, max_value=2**53),
+    text=st.text(max_size=40),
+    active=st.booleans(),
+    created=_WHEN,
+    last_login=st.none() | _WHEN,
+    verified=st.none() | _WHEN,
+)
+def test_the_prebuilt_user_serializer_agrees_with_user_schema(user_id, text, active, created, last_login, verified):
+    from authapp.auth.context import SessionRow
+    from authapp.schemas import UserSchema, user_out
+
+    row = SessionRow(user_id, text, text + "@example.com", active, created, last_login, verified, None, created)
+    assert user_out(row) == UserSchema().dump(row)
+
+
+def test_the_prebuilt_user_serializer_has_every_field_of_the_schema(client, tokens):
+    from authapp.schemas import UserSchema, user_out
+
+    me = client.get("/auth/me", headers=bearer(tokens["access_token"]))
+    assert me.get_json() == tokens["user"]  # the register answer went through UserSchema
+    assert list(me.get_json()) == sorted(UserSchema().fields)  # sorted keys, as Flask's JSON writes them
+    spec = client.get("/openapi.json").get_json()
+    documented = spec["paths"]["/auth/me"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert documented == {"$ref": "#/components/schemas/User"}
+    assert set(spec["components"]["schemas"]["User"]["properties"]) == set(user_out.__code__.co_consts[-1])
+
+
+def test_the_liveness_body_is_the_schemas(client):
+    from authapp.schemas import LivenessSchema
+
+    body = client.get("/health/live").get_json()
+    assert body == LivenessSchema().dump(body) and set(body) == set(LivenessSchema().fields) == {"status", "timestamp"}
+
+
+OLD_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-site",
+}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "docs", "no_store"),
+    [
+        ("GET", "/health/live", False, False),
+        ("GET", "/auth/me", False, True),
+        ("POST", "/auth/login", False, True),
+        ("GET", "/auth/no-such-route", False, True),
+        ("DELETE", "/health/live", False, False),
+        ("GET", "/docs", True, False),
+        ("GET", "/redoc", True, False),
+        ("GET", "/openapi.json", False, False),
+        ("GET", "/.well-known/jwks.json", False, False),
+    ],
+)
+def test_every_answer_has_its_security_headers_once(client, method, path, docs, no_store):
+    from authapp import security
+
+    response = client.open(path, method=method)
+    for name, value in OLD_HEADERS.items():
+        assert response.headers.getlist(name) == [value]
+    policy = security.DOCS_POLICY if docs else security.API_POLICY
+    assert response.headers.getlist("Content-Security-Policy") == [policy]
+    if no_store:
+        assert response.headers.getlist("Cache-Control") == ["no-store"]
+        assert response.headers.getlist("Pragma") == ["no-cache"]
+    else:
+        assert "Pragma" not in response.headers
+
+
+# -- hmac_keys --------------------------------------------------------------------------------
+
+
+def test_hmac_keys_remember_only_what_pyjwt_accepted(app, client, tokens):
+    from jwt.algorithms import HMACAlgorithm
+
+    keyring = app.extensions["authapp_keys"]
+    (key,) = keyring.current().keys.values()
+    assert isinstance(key.verifier.Algorithm, speedups.RememberingHMAC)
+    assert client.get("/auth/me", headers=bearer(tokens["access_token"])).status_code == 200
+    assert list(key.verifier.Algorithm.accepted) == [key.verifier.key]
+    own, fast = HMACAlgorithm(HMACAlgorithm.SHA256), speedups.RememberingHMAC(HMACAlgorithm.SHA256)
+    public_pem = b"-----BEGIN PUBLIC KEY-----\n" + (
+        b"MCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n-----END PUBLIC KEY-----\n"
+    )
+    for candidate in (
+        key.verifier.key,
+        b"a secret",
+        "text secret",
+        public_pem,
+        b'{"kty": "oct"}',
+        b"",
+        b"ssh-rsa AAAA",
+    ):
+        outcomes = []
+        for algorithm in (own, fast, fast):  # the second time from what it remembered
+            try:
+                outcomes.append(("ok", algorithm.prepare_key(candidate)))
+            except jwt.InvalidKeyError as exc:
+                outcomes.append(("InvalidKeyError", str(exc)))
+        assert outcomes[0] == outcomes[1] == outcomes[2], candidate
+    assert public_pem not in fast.accepted and b"" not in fast.accepted
+
+
+def test_hmac_keys_verify_as_pyjwt_does(app, tokens):
+    keyring = app.extensions["authapp_keys"]
+    (key,) = keyring.current().keys.values()
+    own = jwt.PyJWK({"kty": "oct", "k": key.verifier._jwk_data["k"]}, algorithm="HS256")
+    token = tokens["access_token"]
+    for candidate in (token, token[:-2] + ("AA" if not token.endswith("AA") else "BB")):
+        outcomes = []
+        for verifier in (own, key.verifier):
+            try:
+                outcomes.append(jwt.decode(candidate, verifier, algorithms=["HS256"], audience="authapp"))
+            except jwt.InvalidTokenError as exc:
+                outcomes.append(type(exc).__name__)
+        assert outcomes[0] == outcomes[1]
