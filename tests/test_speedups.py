@@ -355,3 +355,15 @@ def test_hmac_keys_verify_as_pyjwt_does(app, tokens):
             except jwt.InvalidTokenError as exc:
                 outcomes.append(type(exc).__name__)
         assert outcomes[0] == outcomes[1]
+
+
+def test_a_new_request_id_is_what_uuid4_writes():
+    import uuid
+
+    from authapp.observability.requests import new_request_id
+
+    for _ in range(2000):
+        made = new_request_id()
+        parsed = uuid.UUID(made)
+        assert str(parsed) == made and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    assert len({new_request_id() for _ in range(1000)}) == 1000
