@@ -65,13 +65,14 @@ SELECT users.id,
 _SELECTED = re.findall(r"(\w+)\.(\w+)", SESSION_CHECK_SQL.split("FROM", 1)[0])
 PUBLIC_USER_COLUMNS = tuple(name for table, name in _SELECTED if table == "users")
 # The row as views and flows see it: read-only, by attribute (`row.is_active`).
-SessionRow = namedtuple("SessionRow", [name for _table, name in _SELECTED])  # type: ignore[misc]
+# (Its fields come from the statement's text, so type checkers see it as Any.)
+SessionRow: Any = namedtuple("SessionRow", [name for _table, name in _SELECTED])  # type: ignore[misc]
 _SESSION_CHECK = PreparedRead("authapp_session_check", SESSION_CHECK_SQL)
 _COLUMN_TYPES = [Model.metadata.tables[table].c[name].type for table, name in _SELECTED]
 _converters: dict[str, list[Any]] = {}
 
 
-def _row_of(values: Any, dialect: Any) -> SessionRow:
+def _row_of(values: Any, dialect: Any) -> Any:
     """A row as the models' column types give it (UTC datetimes on both backends)."""
     converters = _converters.get(dialect.name)
     if converters is None:
@@ -80,7 +81,7 @@ def _row_of(values: Any, dialect: Any) -> SessionRow:
     return SessionRow(*(value if c is None else c(value) for c, value in zip(converters, values, strict=True)))
 
 
-def read_session(connection: Connection, sid: str, user_id: int) -> SessionRow | None:
+def read_session(connection: Connection, sid: str, user_id: int) -> Any:
     """The session check's row, or None when no session `sid` of user `user_id` exists."""
     rows = _SESSION_CHECK.rows(connection, {"sid": sid, "user_id": user_id})
     return _row_of(rows[0], connection.dialect) if rows else None
