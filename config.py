@@ -168,7 +168,8 @@ def _directory(name: str, raw: str) -> str:
     return path
 
 
-SPEEDUP_NAMES = ("sync_callables", "lean_log_records", "pyjwt_segments")  # authapp/speedups.py
+# authapp/speedups.py
+SPEEDUP_NAMES = ("sync_callables", "lean_log_records", "pyjwt_segments", "limiter_hooks", "hmac_keys")
 
 
 def _speedups(name: str, raw: str) -> tuple[str, ...]:

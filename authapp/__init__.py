@@ -31,6 +31,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     register_error_handlers(app)
     register_hooks(app)
     register_commands(app)
+    security.init_app(app)
     speedups.install(app, app.config["SPEEDUPS"])
     startup.init_app(app)
     return app
@@ -88,10 +89,11 @@ def register_hooks(app: Flask) -> None:
 
     The before-request hooks go in front of those the extensions registered (Flask-Limiter
     checks its limits in one): a request refused there still gets its request id and its
-    log line. Flask runs after-request hooks in the reverse order of registration.
+    log line. Flask runs after-request hooks in the reverse order of registration. The
+    security headers are added to every answer around the app (`security.init_app`).
     """
     before = [requests.start, database.begin_request]
-    after = [security.add_headers, metrics.of(app).observe, requests.finish]
+    after = [metrics.of(app).observe, requests.finish]
     app.before_request_funcs.setdefault(None, [])[:0] = before
     for hook in reversed(after):
         app.after_request(hook)

@@ -4,8 +4,10 @@ is slow, hung or gone: deadlines on PostgreSQL I/O, no connection across a fork.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 import select
 import socket
 import time
@@ -235,6 +237,78 @@ def autocommit_read() -> Iterator[Connection]:
                 driver.autocommit = False
             except connection.dialect.loaded_dbapi.Error:
                 connection.invalidate()
+
+
+# -- One read statement, prepared once per connection ------------------------------------
+#
+# A statement run on every request (the session check) is parsed and planned by
+# PostgreSQL each time it arrives as text. Prepared once on each pooled connection
+# (PREPARE, in the same message as its first EXECUTE), later requests send only EXECUTE
+# with the parameters. The statement timeout still reaches it: it is the first statement
+# of its (autocommit) transaction, so `_bound_each_transaction` prefixes it.
+#
+# PgBouncer in transaction mode hands each transaction to any server connection, where a
+# statement prepared on another is missing (26000) or one of ours is there already
+# (42P05): the engine then stops preparing (one warning) and sends the plain statement
+# from then on, this request included. (PgBouncer's own prepared statement
+# support, from 1.21, is for protocol-level statements, not SQL PREPARE.) SQLite runs the
+# plain statement: one local file, nothing to save.
+_PREPARED = "authapp_prepared_statements"
+_PREPARED_ALREADY = "42P05"  # duplicate_prepared_statement
+_PREPARED_GONE = ("26000", _PREPARED_ALREADY)  # invalid_sql_statement_name, or it is someone else's
+_unprepared_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+_PARAMETER = re.compile(r"(?<![:\w]):(\w+)")
+
+
+class PreparedRead:
+    """A read statement written with `:name` parameters (SQLite's and SQLAlchemy's style),
+    run as a prepared statement on PostgreSQL and as it is on SQLite. Rows are tuples."""
+
+    def __init__(self, name: str, sql: str) -> None:
+        self.sql = sql
+        self.parameters = tuple(dict.fromkeys(_PARAMETER.findall(sql)))
+        # The text's hash in the name: another release's statement is never taken for this one.
+        self.name = f"{name}_{hashlib.sha256(sql.encode()).hexdigest()[:10]}"
+        position = {name: index for index, name in enumerate(self.parameters, 1)}
+        self.prepare = f"PREPARE {self.name} AS " + _PARAMETER.sub(lambda m: f"${position[m[1]]}", sql)
+        self.execute = f"EXECUTE {self.name} (" + ", ".join(f"%({p})s" for p in self.parameters) + ")"
+        self.plain = _PARAMETER.sub(lambda m: f"%({m[1]})s", sql)  # psycopg2's style
+
+    def rows(self, connection: Connection, parameters: dict[str, Any]) -> list[Any]:
+        """The statement's rows, on a connection of `autocommit_read()`."""
+        if connection.dialect.name != "postgresql":
+            return list(connection.exec_driver_sql(self.sql, parameters).fetchall())
+        if connection.engine in _unprepared_engines:
+            return list(connection.exec_driver_sql(self.plain, parameters).fetchall())
+        prepared: set[str] = connection.connection.info.setdefault(_PREPARED, set())
+        first = self.name not in prepared
+        try:
+            rows = connection.exec_driver_sql(f"{self.prepare}; {self.execute}" if first else self.execute, parameters)
+            result = list(rows.fetchall())
+        except DBAPIError as exc:
+            state = sqlstate(exc)
+            if state not in _PREPARED_GONE:
+                raise
+            connection.rollback()  # the next statement starts a transaction: its timeout again
+            if first and state == _PREPARED_ALREADY:
+                # A PREPARE outlives the failure of the EXECUTE sent with it (a timeout):
+                # the statement of this name is there already, the same text.
+                prepared.add(self.name)
+                return self.rows(connection, parameters)
+            self._stop_preparing(connection.engine, exc)
+            return list(connection.exec_driver_sql(self.plain, parameters).fetchall())
+        prepared.add(self.name)
+        return result
+
+    @staticmethod
+    def _stop_preparing(engine: Engine, exc: BaseException) -> None:
+        _unprepared_engines.add(engine)
+        log.warning(
+            "prepared statements off: a statement prepared on this connection is gone (%s); "
+            "a pooler in transaction mode?",
+            describe(exc),
+            extra={"event": "database_prepared_statements_off", "sqlstate": sqlstate(exc)},
+        )
 
 
 def _check_scope(conn, cursor, statement, parameters, context, executemany) -> None:

@@ -4,8 +4,11 @@ the documentation pages work with nothing but their own assets."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+from typing import Any
 
-from flask import Response, request
+from flask import Flask, request
+from flask_jwt_extended.exceptions import InvalidHeaderError, NoAuthorizationError
 
 # JSON answers are never rendered as documents: nothing may load, frame or submit.
 API_POLICY = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
@@ -31,19 +34,37 @@ COMMON_HEADERS = {
 
 # Tokens and account data must not be kept by browsers or proxies.
 NO_STORE = (("Cache-Control", "no-store"), ("Pragma", "no-cache"))
-_API_HEADERS = (*COMMON_HEADERS.items(), ("Content-Security-Policy", API_POLICY))
-_DOCS_HEADERS = (*COMMON_HEADERS.items(), ("Content-Security-Policy", DOCS_POLICY))
+_API_HEADERS = [*COMMON_HEADERS.items(), ("Content-Security-Policy", API_POLICY)]
+_AUTH_HEADERS = [*_API_HEADERS, *NO_STORE]
+_DOCS_HEADERS = [*COMMON_HEADERS.items(), ("Content-Security-Policy", DOCS_POLICY)]
 
 
-def add_headers(response: Response) -> Response:
-    """The security headers of every answer (an after-request hook)."""
-    # Appended, not set: nothing else in the app sets these, and werkzeug's set/setdefault
-    # scan the header list (a measurable part of a cheap request).
-    path = request.path
-    response.headers.extend(_DOCS_HEADERS if path in DOCS_PAGES else _API_HEADERS)
-    if path.startswith("/auth/"):
-        response.headers.extend(NO_STORE)
-    return response
+def headers_for(path: str) -> list[tuple[str, str]]:
+    """The security headers of an answer to `path` (Flask's request.path), built once."""
+    if path in DOCS_PAGES:
+        return _DOCS_HEADERS
+    return _AUTH_HEADERS if path.startswith("/auth/") else _API_HEADERS
+
+
+class SecurityHeaders:
+    """WSGI middleware: the security headers appended to every answer's header list as
+    the prebuilt pairs they are (nothing else in the app sets them), instead of through
+    werkzeug's Headers, which checks each name and value on every request."""
+
+    def __init__(self, wsgi_app: Any) -> None:
+        self.wsgi_app = wsgi_app
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        extra = headers_for("/" + environ.get("PATH_INFO", "").lstrip("/"))  # as werkzeug makes request.path
+
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            return start_response(status, [*headers, *extra], exc_info)
+
+        return self.wsgi_app(environ, start)
+
+
+def init_app(app: Flask) -> None:
+    app.wsgi_app = SecurityHeaders(app.wsgi_app)  # type: ignore[method-assign]
 
 
 # RFC 9110 11.1: the scheme name is case-insensitive; flask-jwt-extended compares it with
@@ -56,3 +77,25 @@ def canonical_bearer_scheme() -> None:
     header = request.environ.get("HTTP_AUTHORIZATION")
     if header and not header.startswith("Bearer ") and _BEARER_SCHEME.match(header):
         request.environ["HTTP_AUTHORIZATION"] = _BEARER_SCHEME.sub("Bearer", header, count=1)
+
+
+_FIELD_SEPARATOR = re.compile(r",\s*")
+
+
+def bearer_token() -> str:
+    """The token of the request's `Authorization: Bearer <token>` header, read as
+    flask-jwt-extended reads it (a comma-separated list of fields may hold it, once), with
+    its errors: none there is NoAuthorizationError (MISSING_TOKEN), a malformed one
+    InvalidHeaderError (INVALID_TOKEN)."""
+    canonical_bearer_scheme()
+    header = request.environ.get("HTTP_AUTHORIZATION", "").strip().strip(",")
+    if not header:
+        raise NoAuthorizationError("Missing Authorization Header")
+    fields = _FIELD_SEPARATOR.split(header) if "," in header else [header]
+    bearer = [field for field in fields if field and field.split()[0] == "Bearer"]
+    if len(bearer) != 1:
+        raise NoAuthorizationError("Missing 'Bearer' type in 'Authorization' header")
+    parts = bearer[0].split()
+    if len(parts) != 2:
+        raise InvalidHeaderError("Bad Authorization header. Expected 'Authorization: Bearer <JWT>'")
+    return parts[1]

@@ -23,23 +23,41 @@ it was written for) logs a warning and leaves the library's own code in place.
   the segment holds; the rest of PyJWT's function is unchanged. It replaces a private
   method, so it installs only over the PyJWT release it was written from (requirements.txt
   pins it). Process-wide.
+- `limiter_hooks`: Flask-Limiter checks every request in a before-request hook, for its
+  default, application and meta limits, and resets a per-request context in a teardown
+  hook and adds its headers in an after-request one. The limits of a route decorated
+  with `limiter.limit` are checked by the decorator itself; this app has no limit of
+  the other kinds and sends no limit headers, so on every request the three hooks only
+  cost (a third of a GET /health/live). They are taken out of the app while that holds
+  (checked when the app is made); the decorated routes keep their limits unchanged.
+  Written for the Flask-Limiter release requirements.txt pins (it finds the hooks by
+  their private names). Per app.
+- `hmac_keys`: before each HS256/384/512 signature check PyJWT makes sure the secret is no
+  public key, certificate or JSON (a PEM pattern, two DER parses that fail with an
+  exception each, a JSON parse that fails too): work per request on a secret that never
+  changes. The HMAC algorithm of each of the app's own HMAC keys (JWT_SECRET_KEY and
+  JWT_PREVIOUS_SECRET_KEYS) remembers the secret it accepted, through PyJWT's public
+  `HMACAlgorithm.prepare_key`, and answers the same for it; any other key gets PyJWT's
+  check. Per app.
 """
 
 from __future__ import annotations
 
 import binascii
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
 
 import jwt
 from flask import Flask
+from jwt.algorithms import HMACAlgorithm
 from jwt.exceptions import DecodeError
-from jwt.utils import base64url_decode, base64url_encode
+from jwt.utils import base64url_decode, base64url_encode, force_bytes
 
 log = logging.getLogger("authapp.speedups")
 
-NAMES = ("sync_callables", "lean_log_records", "pyjwt_segments")
+NAMES = ("sync_callables", "lean_log_records", "pyjwt_segments", "limiter_hooks", "hmac_keys")
 
 # -- sync_callables -----------------------------------------------------------------------
 
@@ -137,13 +155,99 @@ def pyjwt_segments(on: bool = True) -> bool:
     return True
 
 
+# -- limiter_hooks -----------------------------------------------------------------------
+
+LIMITER_WRITTEN_FOR = "4.1.1"
+
+
+def limiter_needs_its_hooks(limiter: Any) -> bool:
+    """Whether Flask-Limiter's per-request hooks have work to do: limits beyond the
+    decorated ones (default, application, meta), limit headers, or a conditional
+    deduction (which the after-request hook makes)."""
+    manager = limiter.limit_manager
+    decorated = manager._decorated_limits.values()
+    return bool(
+        manager.default_limits
+        or manager.application_limits
+        or limiter._meta_limits
+        or limiter._headers_enabled
+        or any(limit.deduct_when for limits in decorated for limit in limits)
+    )
+
+
+def drop_limiter_hooks(app: Flask, limiter: Any) -> bool:
+    """Take Flask-Limiter's before-request, after-request and teardown hooks out of `app`
+    when they have nothing to do; True when they are out (or were never in: limits off)."""
+    import flask_limiter
+    from flask_limiter import Limiter
+
+    if flask_limiter.__version__ != LIMITER_WRITTEN_FOR:
+        return False
+    if not app.config.get("RATELIMIT_ENABLED") or limiter not in app.extensions.get("limiter", ()):
+        return True  # RATELIMIT_ENABLED=false: Flask-Limiter added no hook
+    if limiter_needs_its_hooks(limiter):
+        return False
+    check = limiter._check_request_limit
+    inject = getattr(Limiter, "_Limiter__inject_headers", None)
+    release = limiter._Limiter__release_context
+    before = app.before_request_funcs.get(None, [])
+    after = app.after_request_funcs.get(None, [])
+    teardown = app.teardown_request_funcs.get(None, [])
+    injects = [f for f in after if isinstance(f, functools.partial) and f.func is inject and f.args == (limiter,)]
+    if before.count(check) != 1 or len(injects) != 1 or teardown.count(release) != 1:
+        return False
+    before.remove(check)
+    after.remove(injects[0])
+    teardown.remove(release)
+    return True
+
+
+# -- hmac_keys ---------------------------------------------------------------------------
+
+
+class RememberingHMAC(HMACAlgorithm):
+    """PyJWT's HMAC algorithm whose `prepare_key` remembers the secrets it accepted."""
+
+    def __init__(self, hash_alg: Any) -> None:
+        super().__init__(hash_alg)
+        self.accepted: dict[bytes, bytes] = {}
+
+    def prepare_key(self, key: str | bytes) -> bytes:
+        key_bytes = force_bytes(key)
+        prepared = self.accepted.get(key_bytes)
+        if prepared is None:
+            prepared = super().prepare_key(key_bytes)  # refuses what PyJWT refuses
+            if len(self.accepted) < 8:
+                self.accepted[key_bytes] = prepared
+        return prepared
+
+
+def remember_hmac_keys(app: Flask) -> bool:
+    """Give each HMAC key of the app's key ring a `RememberingHMAC` (key pair algorithms:
+    nothing to do)."""
+    keyring = app.extensions["authapp_keys"]
+    if keyring.asymmetric:
+        return True
+    for key in keyring.current().keys.values():
+        verifier = key.verifier
+        if type(verifier.Algorithm) is HMACAlgorithm:
+            verifier.Algorithm = RememberingHMAC(verifier.Algorithm.hash_alg)
+    return True
+
+
 # -- Switching them -----------------------------------------------------------------------
 
 
 def install(app: Flask, wanted: tuple[str, ...]) -> dict[str, bool]:
     """Turn on the speed-ups named in `wanted` and off the others; returns which are on.
     One that could not be installed is logged, and the library's own code stays."""
-    installed = {"sync_callables": "sync_callables" in wanted and cache_sync_callables(app)}
+    from .extensions import limiter
+
+    installed = {
+        "sync_callables": "sync_callables" in wanted and cache_sync_callables(app),
+        "limiter_hooks": "limiter_hooks" in wanted and drop_limiter_hooks(app, limiter),
+        "hmac_keys": "hmac_keys" in wanted and remember_hmac_keys(app),
+    }
     # Process-wide ones are switched both ways, so that an app made without them gets the
     # library's own code back.
     for name, switch in (("lean_log_records", lean_log_records), ("pyjwt_segments", pyjwt_segments)):

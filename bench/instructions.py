@@ -13,12 +13,19 @@ Two runs under callgrind, with N=0 and N=--requests; the difference divided by N
 app's cost of one request, the PostgreSQL server's work excluded. "/" is the bare Flask
 route of bench/bare.py, the reference of `make bench`.
 
-    .venv/bin/python bench/instructions.py [--requests 400] [--algorithm EdDSA] [PATH ...]
+The app runs as in production: the per-address limits on, their counters in Redis
+(--redis-url, under a key prefix of this run's own; the keys it made are deleted
+afterwards). The garbage collector is kept out of the counted requests (collected once
+before them, disabled during them, and the process ends without a final collection), so
+that two runs of the same code agree to a few instructions.
+
+    .venv/bin/python bench/instructions.py [--requests 400] [--algorithm EdDSA] [--redis-url URL] [PATH ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import re
 import subprocess
@@ -55,19 +62,30 @@ def child(path: str, requests: int) -> None:
     def start_response(status: str, *_: object) -> None:
         assert status.startswith("200"), status
 
-    for _ in range(WARMUP + requests):
+    def call() -> None:
         for _chunk in app(dict(environ), start_response):
             pass
+
+    for _ in range(WARMUP):
+        call()
+    gc.collect()
+    gc.disable()  # no collection among the counted requests: repeats agree
+    for _ in range(requests):
+        call()
     with wsgi.app.app_context():
         db.engine.dispose()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # no final collection at exit either (it would grow with `requests`)
 
 
 def count(path: str, requests: int, env: dict[str, str], admin_url: str) -> int:
-    """Instructions of one child run (callgrind's total), on a database of its own."""
+    """Instructions of one child run (callgrind's total), on a database of its own and
+    under a Redis key prefix of its own."""
     from devtools.stack import create_database, drop_database
 
     name = f"authapp_instr_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    env = {**env, "DATABASE_URL": create_database(admin_url, name)}
+    env = {**env, "DATABASE_URL": create_database(admin_url, name), "RATELIMIT_KEY_PREFIX": name}
     try:
         flask = [str(Path(sys.executable).parent / "flask"), "--app", "wsgi"]
         subprocess.run([*flask, "db", "upgrade"], cwd=ROOT, env=env, check=True, capture_output=True, timeout=120)
@@ -95,10 +113,24 @@ def count(path: str, requests: int, env: dict[str, str], admin_url: str) -> int:
             )
     finally:
         drop_database(admin_url, name)
+        delete_redis_keys(env["RATELIMIT_STORAGE_URI"], name)
     found = re.search(r"Collected : (\d+)", done.stderr) or re.search(r"refs:\s+([\d,]+)", done.stderr)
     if done.returncode != 0 or found is None:
         raise RuntimeError(f"valgrind failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
     return int(found.group(1).replace(",", ""))
+
+
+def delete_redis_keys(url: str, prefix: str) -> None:
+    """Delete the rate-limit counters a run made (every key naming its prefix), no others."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"*{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
 
 
 def main() -> int:
@@ -113,6 +145,11 @@ def main() -> int:
         or "postgresql://postgres@127.0.0.1:5432/postgres",
         help="a PostgreSQL role that may create databases",
     )
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("TEST_REDIS_URL") or "redis://127.0.0.1:6379/0",
+        help="the Redis of the per-address limits (keys under a prefix of this run's own)",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -122,9 +159,14 @@ def main() -> int:
         **os.environ,
         "ENVIRONMENT": "production",
         "JWT_SECRET_KEY": "i" * 64,
-        "RATELIMIT_ENABLED": "false",
+        "RATELIMIT_ENABLED": "true",
+        "RATELIMIT_STORAGE_URI": args.redis_url,
         "LOG_LEVEL": "INFO",
         "BCRYPT_ROUNDS": "4",
+        # Production requires mail settings; no message is sent here (the outbox keeps them).
+        "MAIL_URL": "smtp://127.0.0.1:2525",
+        "MAIL_FROM": "authapp <no-reply@example.com>",
+        "FRONTEND_URL": "https://app.example.com",
         "PYTHONHASHSEED": "0",  # the same dict and set orders in both runs
         "JWT_ALGORITHM": args.algorithm,
     }

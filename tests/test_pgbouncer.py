@@ -166,3 +166,40 @@ def test_the_statement_timeout_holds_on_every_transaction_behind_pgbouncer(bounc
         with app.app_context():
             database.probe().stop()
             db.engine.dispose()
+
+
+def test_the_session_check_turns_to_the_plain_statement_behind_pgbouncer(bounced_database, log_lines):
+    """SQL PREPARE lasts on one server connection, which transaction mode does not keep:
+    when a prepared session check is missing there, the app sends the plain one from then on."""
+    import psycopg2
+
+    bounced, _ = bounced_database
+    app = create_app(base_settings(DATABASE_URL=bounced))
+    pinned = None
+    try:
+        with app.app_context():
+            flask_migrate.upgrade()
+            engine = db.engine
+        client = app.test_client()
+        body = {"email": "kim@example.com", "username": "kim", "password": PASSWORD}
+        tokens = client.post("/auth/register", json=body).get_json()
+        access = bearer(tokens["access_token"])
+        assert client.get("/auth/me", headers=access).status_code == 200  # prepared there
+        # A transaction held open takes the server connection that request used (PgBouncer
+        # hands out the last one released): the next session check runs on another.
+        pinned = psycopg2.connect(make_url(bounced).set(drivername="postgresql").render_as_string(hide_password=False))
+        pinned.cursor().execute("SELECT 1")
+        for _ in range(3):
+            assert client.get("/auth/me", headers=access).get_json() == tokens["user"]
+        assert engine in database._unprepared_engines
+        assert [e["event"] for e in log_lines() if e.get("event") == "database_prepared_statements_off"] == [
+            "database_prepared_statements_off"
+        ]
+        assert client.post("/auth/logout", headers=access).status_code == 204
+        assert_error(client.get("/auth/me", headers=access), 401, "TOKEN_REVOKED")
+    finally:
+        if pinned is not None:
+            pinned.close()
+        with app.app_context():
+            database.probe().stop()
+            db.engine.dispose()

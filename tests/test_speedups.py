@@ -4,15 +4,20 @@ library code it replaces, each off with SPEEDUPS, and a warning when one cannot 
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 
+import flask_limiter
 import jwt
+import pytest
 from flask import Flask
+from flask_limiter import Limiter
 from helpers import base_settings, bearer
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from jwt.api_jws import PyJWS
 
 from authapp import create_app, speedups
+from authapp.extensions import limiter
 
 
 def test_all_are_installed_by_default(app):
@@ -40,6 +45,8 @@ def test_a_list_names_the_ones_to_use(database_url):
             "sync_callables": True,
             "lean_log_records": False,
             "pyjwt_segments": False,
+            "limiter_hooks": False,
+            "hmac_keys": False,
         }
     finally:
         speedups.install(app, speedups.NAMES)
@@ -140,3 +147,229 @@ def test_the_fast_segment_check_stays_out_of_other_pyjwt_releases(app, monkeypat
     monkeypatch.setattr(jwt, "__version__", speedups.WRITTEN_FOR)
     monkeypatch.delattr(PyJWS, "_decode_base64url_segment")
     assert speedups.pyjwt_segments() is False
+
+
+# -- limiter_hooks ----------------------------------------------------------------------------
+
+
+def _limiter_hooks(app) -> list:
+    """Flask-Limiter's own hooks still in `app` (before, after, teardown)."""
+    found = [f for f in app.before_request_funcs.get(None, []) if f == limiter._check_request_limit]
+    found += [f for f in app.after_request_funcs.get(None, []) if getattr(f, "args", None) == (limiter,)]
+    found += [f for f in app.teardown_request_funcs.get(None, []) if f == limiter._Limiter__release_context]
+    return found
+
+
+LIMITED = {"RATELIMIT_ENABLED": "true", "LOGIN_RATE_LIMIT": "3/minute", "LOGIN_MAX_FAILURES": "100"}
+
+
+def _statuses(app) -> list[int]:
+    """A run of login attempts from two addresses and unlimited requests in between."""
+    client = app.test_client()
+    account = {"email": "hooks@example.com", "username": "hooks", "password": "correct horse battery staple 9"}
+    assert client.post("/auth/register", json=account).status_code == 201
+    statuses = []
+    for address in ("127.0.0.1", "127.0.0.1", "127.0.0.2", "127.0.0.1", "127.0.0.1", "127.0.0.2"):
+        statuses.append(client.get("/health/live", environ_base={"REMOTE_ADDR": address}).status_code)
+        login = {"username": "hooks", "password": "wrong password, surely"}
+        statuses.append(client.post("/auth/login", json=login, environ_base={"REMOTE_ADDR": address}).status_code)
+    return statuses
+
+
+def test_limiter_hooks_are_out_and_the_limits_stay_as_they_were(database_url, tmp_path):
+    def made(speedups_setting: str, name: str):
+        url = database_url if speedups_setting == "all" else f"sqlite:///{tmp_path / name}.db"
+        app = create_app(base_settings(DATABASE_URL=url, SPEEDUPS=speedups_setting, **LIMITED))
+        if speedups_setting != "all":
+            from authapp.extensions import db
+
+            with app.app_context():
+                db.create_all()
+        return app
+
+    fast = made("all", "fast")
+    try:
+        assert fast.extensions["authapp.speedups"]["limiter_hooks"] is True
+        assert _limiter_hooks(fast) == []
+        with_speedup = _statuses(fast)
+        own = made("none", "own")  # the limiter is shared: its counters start again (memory://)
+        assert len(_limiter_hooks(own)) == 3
+        assert with_speedup == _statuses(own) == [200, 401, 200, 401, 200, 401, 200, 401, 200, 429, 200, 401]
+    finally:
+        speedups.install(fast, speedups.NAMES)
+
+
+def test_limiter_hooks_stay_when_a_limit_needs_them():
+    app = Flask("defaults")
+    app.config.update(RATELIMIT_ENABLED=True, RATELIMIT_STORAGE_URI="memory://")
+    own = Limiter(key_func=lambda: "k", default_limits=["1/minute"], app=app)
+    assert speedups.limiter_needs_its_hooks(own)
+    assert speedups.drop_limiter_hooks(app, own) is False
+    assert own._check_request_limit in app.before_request_funcs[None]
+    app.get("/")(lambda: "ok")
+    client = app.test_client()
+    assert [client.get("/").status_code for _ in range(2)] == [200, 429]  # the default limit still applies
+
+
+def test_limiter_hooks_stay_with_another_flask_limiter_release(database_url, monkeypatch, log_lines):
+    monkeypatch.setattr(flask_limiter, "__version__", "9.9.9")
+    app = create_app(base_settings(DATABASE_URL=database_url, **LIMITED))
+    try:
+        assert app.extensions["authapp.speedups"]["limiter_hooks"] is False
+        assert len(_limiter_hooks(app)) == 3
+        (warning,) = [e for e in log_lines() if e.get("event") == "speedup_not_installed"]
+        assert warning["speedup"] == "limiter_hooks"
+    finally:
+        speedups.install(app, speedups.NAMES)
+
+
+@pytest.mark.parametrize("settings", [{"RATELIMIT_ENABLED": "false"}])
+def test_limiter_hooks_with_the_limits_off(app):
+    assert app.extensions["authapp.speedups"]["limiter_hooks"] is True
+    assert _limiter_hooks(app) == []
+
+
+# -- The hot path's own: the user out, the liveness body, the security headers ---------------
+
+_WHEN = st.datetimes(timezones=st.just(UTC), min_value=datetime(1970, 1, 2), max_value=datetime(9998, 1, 1))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    user_id=st.integers(min_value=1, max_value=2**53),
+    text=st.text(max_size=40),
+    active=st.booleans(),
+    created=_WHEN,
+    last_login=st.none() | _WHEN,
+    verified=st.none() | _WHEN,
+    mfa_since=st.none() | _WHEN,
+    aal=st.sampled_from(["aal1", "aal2"]),
+)
+def test_the_prebuilt_user_serializer_agrees_with_user_schema(
+    user_id, text, active, created, last_login, verified, mfa_since, aal
+):
+    from authapp.auth.context import SessionRow
+    from authapp.schemas import UserSchema, user_out
+
+    amr = "pwd otp" if aal == "aal2" else "pwd"
+    user = (user_id, text, text + "@example.com", active, created, last_login, verified, mfa_since)
+    row = SessionRow(*user, None, created, aal, amr)
+    assert user_out(row) == UserSchema().dump(row)
+
+
+def test_the_prebuilt_user_serializer_has_every_field_of_the_schema(client, tokens):
+    from authapp.schemas import UserSchema, user_out
+
+    me = client.get("/auth/me", headers=bearer(tokens["access_token"]))
+    assert me.get_json() == tokens["user"]  # the register answer went through UserSchema
+    assert list(me.get_json()) == sorted(UserSchema().fields)  # sorted keys, as Flask's JSON writes them
+    spec = client.get("/openapi.json").get_json()
+    documented = spec["paths"]["/auth/me"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert documented == {"$ref": "#/components/schemas/User"}
+    assert set(spec["components"]["schemas"]["User"]["properties"]) == set(user_out.__code__.co_consts[-1])
+
+
+def test_the_liveness_body_is_the_schemas(client):
+    from authapp.schemas import LivenessSchema
+
+    body = client.get("/health/live").get_json()
+    assert body == LivenessSchema().dump(body) and set(body) == set(LivenessSchema().fields) == {"status", "timestamp"}
+
+
+OLD_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-site",
+}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "docs", "no_store"),
+    [
+        ("GET", "/health/live", False, False),
+        ("GET", "/auth/me", False, True),
+        ("POST", "/auth/login", False, True),
+        ("GET", "/auth/no-such-route", False, True),
+        ("DELETE", "/health/live", False, False),
+        ("GET", "/docs", True, False),
+        ("GET", "/redoc", True, False),
+        ("GET", "/openapi.json", False, False),
+        ("GET", "/.well-known/jwks.json", False, False),
+    ],
+)
+def test_every_answer_has_its_security_headers_once(client, method, path, docs, no_store):
+    from authapp import security
+
+    response = client.open(path, method=method)
+    for name, value in OLD_HEADERS.items():
+        assert response.headers.getlist(name) == [value]
+    policy = security.DOCS_POLICY if docs else security.API_POLICY
+    assert response.headers.getlist("Content-Security-Policy") == [policy]
+    if no_store:
+        assert response.headers.getlist("Cache-Control") == ["no-store"]
+        assert response.headers.getlist("Pragma") == ["no-cache"]
+    else:
+        assert "Pragma" not in response.headers
+
+
+# -- hmac_keys --------------------------------------------------------------------------------
+
+
+def test_hmac_keys_remember_only_what_pyjwt_accepted(app, client, tokens):
+    from jwt.algorithms import HMACAlgorithm
+
+    keyring = app.extensions["authapp_keys"]
+    (key,) = keyring.current().keys.values()
+    assert isinstance(key.verifier.Algorithm, speedups.RememberingHMAC)
+    assert client.get("/auth/me", headers=bearer(tokens["access_token"])).status_code == 200
+    assert list(key.verifier.Algorithm.accepted) == [key.verifier.key]
+    own, fast = HMACAlgorithm(HMACAlgorithm.SHA256), speedups.RememberingHMAC(HMACAlgorithm.SHA256)
+    public_pem = b"-----BEGIN PUBLIC KEY-----\n" + (
+        b"MCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n-----END PUBLIC KEY-----\n"
+    )
+    for candidate in (
+        key.verifier.key,
+        b"a secret",
+        "text secret",
+        public_pem,
+        b'{"kty": "oct"}',
+        b"",
+        b"ssh-rsa AAAA",
+    ):
+        outcomes = []
+        for algorithm in (own, fast, fast):  # the second time from what it remembered
+            try:
+                outcomes.append(("ok", algorithm.prepare_key(candidate)))
+            except jwt.InvalidKeyError as exc:
+                outcomes.append(("InvalidKeyError", str(exc)))
+        assert outcomes[0] == outcomes[1] == outcomes[2], candidate
+    assert public_pem not in fast.accepted and b"" not in fast.accepted
+
+
+def test_hmac_keys_verify_as_pyjwt_does(app, tokens):
+    keyring = app.extensions["authapp_keys"]
+    (key,) = keyring.current().keys.values()
+    own = jwt.PyJWK({"kty": "oct", "k": key.verifier._jwk_data["k"]}, algorithm="HS256")
+    token = tokens["access_token"]
+    for candidate in (token, token[:-2] + ("AA" if not token.endswith("AA") else "BB")):
+        outcomes = []
+        for verifier in (own, key.verifier):
+            try:
+                outcomes.append(jwt.decode(candidate, verifier, algorithms=["HS256"], audience="authapp"))
+            except jwt.InvalidTokenError as exc:
+                outcomes.append(type(exc).__name__)
+        assert outcomes[0] == outcomes[1]
+
+
+def test_a_new_request_id_is_what_uuid4_writes():
+    import uuid
+
+    from authapp.observability.requests import new_request_id
+
+    for _ in range(2000):
+        made = new_request_id()
+        parsed = uuid.UUID(made)
+        assert str(parsed) == made and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    assert len({new_request_id() for _ in range(1000)}) == 1000

@@ -120,3 +120,80 @@ def test_the_bearer_scheme_is_case_insensitive(client, tokens, scheme):
 def test_other_schemes_are_still_missing_tokens(client, tokens, header):
     response = client.get("/auth/me", headers={"Authorization": header.format(token=tokens["access_token"])})
     assert_error(response, 401, "MISSING_TOKEN")
+
+
+# -- One decode per request -------------------------------------------------------------------
+
+
+def test_a_protected_request_decodes_its_token_once(app, client, tokens, monkeypatch):
+    import flask_jwt_extended.jwt_manager
+
+    calls = []
+    pyjwt = jwt.decode_complete
+
+    def counted(*args, **kwargs):
+        calls.append(args[0])
+        return pyjwt(*args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode_complete", counted)
+    monkeypatch.setattr(jwt, "decode", lambda *a, **k: pytest.fail("a second decode"))
+    monkeypatch.setattr(
+        flask_jwt_extended.jwt_manager.JWTManager,
+        "_decode_jwt_from_config",
+        lambda *a, **k: pytest.fail("flask-jwt-extended decoded the access token"),
+    )
+    assert client.get("/auth/me", headers=bearer(tokens["access_token"])).status_code == 200
+    assert calls == [tokens["access_token"]]
+
+
+def test_an_expired_token_of_the_wrong_shape_is_invalid_not_expired(client, tokens):
+    """The contract's rules come first, as when they were checked before the signature."""
+    expired = int(time.time()) - 60
+    claims = valid_claims(tokens, exp=expired)
+    del claims["aal"]
+    assert_error(client.get("/auth/me", headers=bearer(forge(claims))), 401, "INVALID_TOKEN")
+    wrong_typ = forge(valid_claims(tokens, exp=expired), headers={"typ": "JWT"})
+    assert_error(client.get("/auth/me", headers=bearer(wrong_typ)), 401, "INVALID_TOKEN")
+    assert_error(client.get("/auth/me", headers=bearer(forge(valid_claims(tokens, exp=expired)))), 401, "TOKEN_EXPIRED")
+
+
+AUTHORIZATION_HEADERS = [
+    None,
+    "",
+    "   ",
+    ",",
+    "Bearer",
+    "Bearer ",
+    "Bearer abc",
+    "  Bearer abc  ",
+    "Bearer abc,",
+    "Bearer a b",
+    "Bearer\tabc",
+    "Basic xyz, Bearer abc",
+    "Bearer abc, Bearer def",
+    "Bearer abc,Basic xyz",
+    "Basic xyz",
+    "bearer abc",
+    "BEARER abc",
+    "Bearerabc",
+    "Token abc",
+    ", , Bearer abc",
+]
+
+
+@pytest.mark.parametrize("header", AUTHORIZATION_HEADERS)
+def test_the_bearer_header_is_read_as_flask_jwt_extended_reads_it(app, header):
+    from flask_jwt_extended.view_decorators import _decode_jwt_from_headers
+
+    from authapp import security
+
+    def outcome(read):
+        environ = {} if header is None else {"HTTP_AUTHORIZATION": header}
+        with app.test_request_context("/auth/me", environ_base=environ):
+            security.canonical_bearer_scheme()  # as the view did before flask-jwt-extended read it
+            try:
+                return ("token", read())
+            except Exception as exc:  # noqa: BLE001 - the exception's kind is the outcome
+                return (type(exc).__name__, None)
+
+    assert outcome(security.bearer_token) == outcome(lambda: _decode_jwt_from_headers()[0])

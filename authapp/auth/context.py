@@ -7,15 +7,17 @@ log line. Nothing else about the caller is kept in `g`.
 
 from __future__ import annotations
 
+import re
+from collections import namedtuple
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy.engine import Connection
 
 from .. import clock
-from ..database import autocommit_read
+from ..database import PreparedRead, autocommit_read
 from ..errors import InvalidToken, TokenExpired, TokenRevoked, UserInactive
-from ..models import AuthSession, MfaTotp, User
+from ..models import Model
 from . import keys
 
 
@@ -46,24 +48,56 @@ class AuthContext:
     amr: tuple[str, ...] = ("pwd",)
 
 
-# The user's public columns and the session's state, by primary keys: the one statement of
-# every protected request. A Core select of columns (no ORM entity to build and track) is
-# the cheapest way there. Not the password hash: a flow that needs it reads it itself.
-# `mfa_enabled_at` comes from the user's MFA row (by its primary key), as a User has it.
-PUBLIC_USER_COLUMNS = ("id", "username", "email", "is_active", "created_at", "last_login", "email_verified_at")
-_SESSION_CHECK = (
-    select(
-        *(User.__table__.c[name] for name in PUBLIC_USER_COLUMNS),
-        MfaTotp.enabled_at.label("mfa_enabled_at"),
-        AuthSession.revoked_at,
-        AuthSession.expires_at,
-        AuthSession.aal,
-        AuthSession.amr,
-    )
-    .join(AuthSession, AuthSession.user_id == User.id)
-    .outerjoin(MfaTotp, MfaTotp.user_id == User.id)
-    .where(AuthSession.id == bindparam("sid"), User.id == bindparam("user_id"))
-)
+# The one statement of every protected request: the user's public columns and the
+# session's state, by primary keys. Not the password hash: a flow that needs it reads it
+# itself. A column the auth context needs is one more line of the select list (its
+# type comes from the models, the row's field takes its name, or its alias after AS:
+# `mfa_enabled_at` is the user's MFA row's `enabled_at`, as a User has it). Prepared once per
+# PostgreSQL connection (database.PreparedRead), plain on SQLite.
+SESSION_CHECK_SQL = """
+SELECT users.id,
+       users.username,
+       users.email,
+       users.is_active,
+       users.created_at,
+       users.last_login,
+       users.email_verified_at,
+       mfa_totp.enabled_at AS mfa_enabled_at,
+       sessions.revoked_at,
+       sessions.expires_at,
+       sessions.aal,
+       sessions.amr
+  FROM sessions JOIN users ON users.id = sessions.user_id
+       LEFT JOIN mfa_totp ON mfa_totp.user_id = users.id
+ WHERE sessions.id = :sid AND users.id = :user_id
+"""
+# (table, column, the row's field name) of each line of the select list.
+_SELECTED = [
+    (table, column, alias or column)
+    for table, column, alias in re.findall(r"(\w+)\.(\w+)(?: AS (\w+))?", SESSION_CHECK_SQL.split("FROM", 1)[0])
+]
+PUBLIC_USER_COLUMNS = tuple(name for table, name, _field in _SELECTED if table == "users")
+# The row as views and flows see it: read-only, by attribute (`row.is_active`).
+# (Its fields come from the statement's text, so type checkers see it as Any.)
+SessionRow: Any = namedtuple("SessionRow", [field for _table, _column, field in _SELECTED])  # type: ignore[misc]
+_SESSION_CHECK = PreparedRead("authapp_session_check", SESSION_CHECK_SQL)
+_COLUMN_TYPES = [Model.metadata.tables[table].c[name].type for table, name, _field in _SELECTED]
+_converters: dict[str, list[Any]] = {}
+
+
+def _row_of(values: Any, dialect: Any) -> Any:
+    """A row as the models' column types give it (UTC datetimes on both backends)."""
+    converters = _converters.get(dialect.name)
+    if converters is None:
+        processors = [t.dialect_impl(dialect).result_processor(dialect, None) for t in _COLUMN_TYPES]
+        converters = _converters[dialect.name] = processors
+    return SessionRow(*(value if c is None else c(value) for c, value in zip(converters, values, strict=True)))
+
+
+def read_session(connection: Connection, sid: str, user_id: int) -> Any:
+    """The session check's row, or None when no session `sid` of user `user_id` exists."""
+    rows = _SESSION_CHECK.rows(connection, {"sid": sid, "user_id": user_id})
+    return _row_of(rows[0], connection.dialect) if rows else None
 
 
 def user_id_of(claims: dict[str, Any]) -> int:
@@ -75,14 +109,12 @@ def user_id_of(claims: dict[str, Any]) -> int:
 
 
 def authenticate(claims: dict[str, Any]) -> AuthContext:
-    """The context of a well-signed access token whose session is live, read in one
-    indexed query (so that a revocation takes effect at once); or the error that says why not."""
-    sid = claims.get("sid")
-    if not isinstance(sid, str):
-        raise InvalidToken()
-    user_id = user_id_of(claims)
+    """The context of an access token that `keys.decode_access_token` accepted (its `sub`
+    a user id, its `sid` a string), when its session is live, read in one indexed query
+    (so that a revocation takes effect at once); or the error that says why not."""
+    sid, user_id = claims["sid"], int(claims["sub"])
     with autocommit_read() as connection:
-        row = connection.execute(_SESSION_CHECK, {"sid": sid, "user_id": user_id}).one_or_none()
+        row = read_session(connection, sid, user_id)
     if row is None:
         raise InvalidToken()
     if not row.is_active:

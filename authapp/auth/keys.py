@@ -11,15 +11,17 @@ Each process keeps one immutable `KeySet` per app and re-reads the table at most
 (at most once per `UNKNOWN_KID_RELOAD_SECONDS`), so a rotation reaches every instance
 without a restart and a flood of made-up kids costs one query per few seconds.
 
-Verification is flask-jwt-extended's, with `decode_key` as its key loader: the loader
-checks the token's shape (header parameters, `typ`, `type`, claims, `sub`) and answers the
-key that `kid` names, bound to the configured algorithm (a PyJWK), so PyJWT verifies
-nothing else. Signing is `sign`, PyJWT's `jwt.encode` with the active key.
+An access token (every protected request) is verified by `decode_access_token`: one
+PyJWT decode with the key its `kid` names, bound to the configured algorithm (a PyJWK),
+then the token's shape (header parameters, `typ`, `type`, claims, `sub`). A refresh token
+is verified by flask-jwt-extended, with `decode_key` as its key loader: the loader checks
+the shape and answers the key. Signing is `sign`, PyJWT's `jwt.encode` with the active key.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
 import logging
@@ -41,12 +43,13 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from flask import Flask, current_app
 from jwt import PyJWK
 from jwt.algorithms import get_default_algorithms
+from jwt.utils import base64url_decode
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from config import ASYMMETRIC_ALGORITHMS, HMAC_ALGORITHMS, ConfigError
 
-from .. import audit
+from .. import audit, settings
 from ..database import unit_of_work
 from ..errors import AppError, NotFound, ServiceUnavailable
 from ..models import SigningKey
@@ -393,6 +396,56 @@ def decode_key(header: dict[str, Any], claims: dict[str, Any]) -> PyJWK:
     if key is None:
         _refuse("no published key has this kid")
     return key.verifier
+
+
+def _unverified_kid(encoded: str) -> Any:
+    """The `kid` of a token's header, read without checking anything else: which key to
+    verify it with. PyJWT then decodes and checks the whole token, this header included."""
+    try:
+        header = json.loads(base64url_decode(encoded.split(".", 1)[0]))
+    except (ValueError, TypeError, RecursionError, binascii.Error):  # JSON, UTF-8, base64
+        _refuse("invalid header")
+    return header.get("kid") if isinstance(header, dict) else None
+
+
+def _decode(encoded: str, key: Key, algorithm: str, *, verify_exp: bool) -> dict[str, Any]:
+    """PyJWT's decode of a token: signature, algorithm, iss, aud, times, the common claims."""
+    current = settings.current()
+    return jwt.decode_complete(
+        encoded,
+        key.verifier,
+        algorithms=[algorithm],
+        audience=current.token_audience,
+        issuer=current.token_issuer,
+        options={"require": list(COMMON_CLAIMS), "verify_exp": verify_exp},
+    )
+
+
+def decode_access_token(encoded: str) -> dict[str, Any]:
+    """The claims of an access token, checked once in one PyJWT decode: the key its `kid`
+    names, the configured algorithm, `iss`, `aud`, `exp`/`nbf`/`iat`, then the contract's
+    rules (`check_shape`: header parameters, typ at+jwt, every claim, `sub` a user id) and
+    type access. A failure raises what flask-jwt-extended's own verification raises, so
+    its error handlers answer through the same loaders (authapp/auth/tokens.py init_app).
+    """
+    keyring: KeyRing = current_app.extensions["authapp_keys"]
+    kid = _unverified_kid(encoded)
+    key = keyring.find(kid) if isinstance(kid, str) else None
+    if key is None:
+        _refuse("no published key has this kid")
+    try:
+        decoded = _decode(encoded, key, keyring.algorithm, verify_exp=True)
+    except jwt.ExpiredSignatureError as expired:
+        # As before the signature: a token of the wrong shape is INVALID_TOKEN, even expired.
+        late = _decode(encoded, key, keyring.algorithm, verify_exp=False)
+        check_shape(late["header"], late["payload"], keyring.algorithm)
+        expired.jwt_header, expired.jwt_data = late["header"], late["payload"]  # type: ignore[attr-defined]
+        raise
+    claims = decoded["payload"]
+    check_shape(decoded["header"], claims, keyring.algorithm)
+    if claims["type"] != "access":
+        _refuse("not an access token")
+    return claims
 
 
 def _encode_key_unused(_identity: Any) -> Any:
