@@ -40,7 +40,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 
-from bench.peers import FastAPIPeer, baseline_tree, template_backend  # noqa: E402
 from devtools.stack import (  # noqa: E402
     PASSWORD,
     Stack,
@@ -475,6 +474,8 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
             root=root,
         )
 
+    from bench.peers import FastAPIPeer, baseline_tree  # only when the bench runs (tests load this file alone)
+
     stacks: list[Stack] = []
     fastapi: FastAPIPeer | None = None
     with ExitStack() as cleanup:
@@ -748,6 +749,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
     if args.peer_fastapi:  # refused before anything starts
+        from bench.peers import template_backend
+
         args.peer_fastapi_venv = args.peer_fastapi_venv or args.peer_fastapi / "backend" / ".venv"
         template_backend(args.peer_fastapi, args.peer_fastapi_venv)
     # `timeout` (make bench) sends SIGTERM: unwind so that every process started is stopped.

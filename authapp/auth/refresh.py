@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import insert, literal, select, update
 from sqlalchemy.orm import Session
 
 from .. import audit, clock, settings
@@ -86,16 +86,48 @@ def _rotate(
     """Retire an unused token and add its successor; None when it was retired already
     (`token.used_at` then tells when)."""
     if token.used_at is None:
-        retired = db.execute(
-            update(RefreshToken).where(RefreshToken.id == token.id, RefreshToken.used_at.is_(None)).values(used_at=now)
-        ).rowcount  # type: ignore[attr-defined]
-        if retired == 1:
-            child, child_jti = sessions.new_refresh_token(db, auth_session, tokens.child_jti(jti), token.id, now)
-            db.execute(update(AuthSession).where(AuthSession.id == auth_session.id).values(last_used_at=now))
+        child_jti = tokens.child_jti(jti)
+        child = sessions.refresh_token_row(auth_session, child_jti, token.id, now)
+        if _retire(db, token, child, now):
             return sessions.Issued(auth_session, child, child_jti)
         # A concurrent refresh of the same token retired it first.
         token.used_at = db.scalar(select(RefreshToken.used_at).where(RefreshToken.id == token.id))
     return None
+
+
+def _retire(db: Session, token: RefreshToken, child: RefreshToken, now: datetime) -> bool:
+    """Retire `token` if it is still unused (`used_at IS NULL`: of two concurrent refreshes
+    only one retires it), store `child` as its successor (`parent_id` is unique besides)
+    and mark the session used; False when the token was retired already.
+
+    On PostgreSQL that is one statement (data-modifying WITH queries: the retirement, then
+    the insert of the child from the row retired, and the session's last use), so one round
+    trip instead of three; elsewhere (SQLite) three statements. Core statements, not the
+    ORM's: `child` gets its id from the insert and is never flushed."""
+    connection = db.connection()
+    retire = update(RefreshToken).where(RefreshToken.id == token.id, RefreshToken.used_at.is_(None)).values(used_at=now)
+    touch = update(AuthSession).values(last_used_at=now)
+    columns = ("session_id", "jti_hash", "parent_id", "issued_at", "expires_at")
+    table = RefreshToken.__table__
+    if connection.dialect.name == "postgresql":
+        # The session is touched only once the token is retired (its row locked), in the
+        # order of the statements below: two refreshes of one token never deadlock.
+        retired = retire.returning(RefreshToken.id, RefreshToken.session_id).cte("retired")
+        touched = touch.where(AuthSession.id == retired.c.session_id).cte("touched")
+        values = [retired.c.id if c == "parent_id" else literal(getattr(child, c), table.c[c].type) for c in columns]
+        store = insert(RefreshToken).from_select(columns, select(*values)).add_cte(touched)
+        child_id = connection.execute(store.returning(RefreshToken.id)).scalar()
+    else:
+        if connection.execute(retire).rowcount != 1:
+            return False
+        connection.execute(touch.where(AuthSession.id == child.session_id))
+        child_id = connection.execute(
+            insert(RefreshToken).values({c: getattr(child, c) for c in columns}).returning(RefreshToken.id)
+        ).scalar()
+    if child_id is None:
+        return False
+    child.id = child_id
+    return True
 
 
 def _replayed(
