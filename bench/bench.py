@@ -414,7 +414,7 @@ def build_plan(args: argparse.Namespace, bare: Server, app: Server, user: str, p
     for path, name in (("/health/live", "GET /health/live"), ("/auth/me", f"GET /auth/me{signed}")):
         if not wanted(path):
             continue
-        for server in (app, *[p for p in peers if p.label.startswith("main")]):
+        for server in (app, *[p for p in peers if p.label != FASTAPI_LABEL]):
             label = f" ({server.label})" if server.label else ""
             headers = bearer(server) if path == "/auth/me" else {}
             plan.beside_bare(Step(Row(name + label, path, fast, peer=server.label), server.url, headers=headers))
@@ -495,7 +495,7 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
         bare = Server(stacks[1].https_url, stacks[1].tls_context())
         peers = []
         if args.baseline:
-            peers.append(Server(stacks[2].https_url, stacks[2].tls_context(), label=f"main at {baseline}"))
+            peers.append(Server(stacks[2].https_url, stacks[2].tls_context(), label=f"{args.baseline} at {baseline}"))
             account(peers[-1])
         if args.peer_fastapi:
             fastapi = FastAPIPeer(args.peer_fastapi, args.peer_fastapi_venv, args.database_url, workdir / "fastapi")
@@ -595,7 +595,7 @@ def peer_lines(rows: list[Row]) -> list[str]:
     ours = {row.path: row for row in rows if not row.peer}
     lines = []
     for row in rows:
-        if row.peer.startswith("main") and row.path in ours:
+        if row.peer and row.peer != FASTAPI_LABEL and row.path in ours:
             mine = ours[row.path]
             lines.append(f"- {row.path}: {mine.rps / row.rps:.2f} x {row.peer} ({mine.rps:,.1f} / {row.rps:,.1f} "
                          f"requests/s{normalized(mine, row)})")  # fmt: skip

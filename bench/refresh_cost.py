@@ -38,7 +38,8 @@ def chain(refreshes: int, profile: bool) -> dict[str, float]:
     from authapp.extensions import db
 
     client = wsgi.app.test_client()
-    account = {"email": "counted@example.com", "username": "counted", "password": PASSWORD}
+    name = f"counted{uuid.uuid4().hex[:8]}"  # each run (three on one database) an account of its own
+    account = {"email": f"{name}@example.com", "username": name, "password": PASSWORD}
     reply = client.post("/auth/register", json=account)
     assert reply.status_code == 201, reply.get_json()
     token = reply.get_json()["refresh_token"]
