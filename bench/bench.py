@@ -399,11 +399,13 @@ def account(server: Server, sessions: int = 0) -> tuple[str, str]:
 
 
 def build_plan(args: argparse.Namespace, bare: Server, app: Server, user: str, peers: list[Server]) -> Plan:
-    """The rows of the run, by name: authapp's fast rows (each followed by the same row of
-    the peers, `peers`), then the bcrypt rows."""
+    """The rows of the run, by name: authapp's fast rows, each followed by the same row of
+    the baseline commit if there is one, and the template's /users/me after /auth/me;
+    then the bcrypt rows."""
     fast, slow = args.connections, args.bcrypt_connections or 2 * (os.cpu_count() or 1)
     signed = "" if args.algorithm == "HS256" else f" ({args.algorithm})"
     plan = Plan(bare.url, fast)
+    baselines = [peer for peer in peers if peer.label != FASTAPI_LABEL]
 
     def wanted(path: str) -> bool:
         return not args.only or path in args.only
@@ -414,7 +416,7 @@ def build_plan(args: argparse.Namespace, bare: Server, app: Server, user: str, p
     for path, name in (("/health/live", "GET /health/live"), ("/auth/me", f"GET /auth/me{signed}")):
         if not wanted(path):
             continue
-        for server in (app, *[p for p in peers if p.label != FASTAPI_LABEL]):
+        for server in (app, *baselines):
             label = f" ({server.label})" if server.label else ""
             headers = bearer(server) if path == "/auth/me" else {}
             plan.beside_bare(Step(Row(name + label, path, fast, peer=server.label), server.url, headers=headers))
@@ -422,10 +424,12 @@ def build_plan(args: argparse.Namespace, bare: Server, app: Server, user: str, p
         if server.label == FASTAPI_LABEL and wanted("/auth/me"):
             row = Row(f"GET /api/v1/users/me ({FASTAPI_LABEL})", "/api/v1/users/me", fast, peer=server.label)
             plan.beside_bare(Step(row, server.url, headers=bearer(server)))
-    if wanted("/auth/refresh"):
-        tokens = lua_string(",".join(app.refresh_tokens))
+    for server in (app, *baselines) if wanted("/auth/refresh") else ():
+        tokens = lua_string(",".join(server.refresh_tokens))
         script = f"BENCH_TOKENS = {{{tokens}}}\n" + (BENCH / "refresh.lua").read_text()
-        plan.beside_bare(Step(Row("POST /auth/refresh", "/auth/refresh", fast), app.url, script=script, warm=False))
+        row = Row("POST /auth/refresh" + (f" ({server.label})" if server.label else ""), "/auth/refresh", fast)
+        row.peer = server.label
+        plan.beside_bare(Step(row, server.url, script=script, warm=False))
     if wanted("/auth/login"):
         login = lua_string(json.dumps({"username": user, "password": PASSWORD}))
         script = f"BENCH_BODY = {login}\n" + (BENCH / "post_json.lua").read_text()
@@ -496,7 +500,7 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
         peers = []
         if args.baseline:
             peers.append(Server(stacks[2].https_url, stacks[2].tls_context(), label=f"{args.baseline} at {baseline}"))
-            account(peers[-1])
+            account(peers[-1], args.connections + 1)
         if args.peer_fastapi:
             fastapi = FastAPIPeer(args.peer_fastapi, args.peer_fastapi_venv, args.database_url, workdir / "fastapi")
             cleanup.callback(fastapi.stop)
@@ -731,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--baseline",
         metavar="GITREF",
-        help="also measure /health/live and /auth/me of this commit (a git worktree of it, a stack of its own)",
+        help="also measure the fast rows of this commit (a git worktree of it, a stack of its own)",
     )
     parser.add_argument(
         "--peer-fastapi",

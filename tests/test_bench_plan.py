@@ -11,7 +11,7 @@ from bench.bench import FASTAPI_LABEL, PEER_TARGET, Row, Server, build_plan, pee
 
 BARE = Server("https://127.0.0.1:1", None)
 APP = Server("https://127.0.0.1:2", None, access="ours", refresh_tokens=["t1", "t2"])
-MAIN = Server("https://127.0.0.1:3", None, "main at abc1234", access="theirs")
+MAIN = Server("https://127.0.0.1:3", None, "main at abc1234", access="theirs", refresh_tokens=["m1"])
 FASTAPI = Server("https://127.0.0.1:4", None, FASTAPI_LABEL, access="template")
 
 
@@ -36,6 +36,8 @@ def test_each_fast_row_and_its_peers_stand_between_bare_runs():
         ("bare Flask route (6)", BARE.url, ""),
         ("POST /auth/refresh", APP.url, "bare"),
         ("bare Flask route (7)", BARE.url, ""),
+        ("POST /auth/refresh (main at abc1234)", MAIN.url, "bare"),
+        ("bare Flask route (8)", BARE.url, ""),
         ("POST /auth/login", APP.url, "ceiling"),
         ("POST /auth/register", APP.url, "ceiling"),
     ]
@@ -43,8 +45,9 @@ def test_each_fast_row_and_its_peers_stand_between_bare_runs():
     assert headers["GET /auth/me"] == {"Authorization": "Bearer ours"}
     assert headers["GET /auth/me (main at abc1234)"] == {"Authorization": "Bearer theirs"}
     assert headers[f"GET /api/v1/users/me ({FASTAPI_LABEL})"] == {"Authorization": "Bearer template"}
-    refresh = next(step for step in plan.steps if step.row.path == "/auth/refresh")
-    assert 'BENCH_TOKENS = {"t1,t2"}' in refresh.script and not refresh.warm
+    ours, theirs = (step for step in plan.steps if step.row.path == "/auth/refresh")
+    assert 'BENCH_TOKENS = {"t1,t2"}' in ours.script and not ours.warm
+    assert 'BENCH_TOKENS = {"m1"}' in theirs.script and theirs.row.peer == MAIN.label
 
 
 def test_without_peers_the_plan_is_authapps_rows_alone():
