@@ -499,7 +499,8 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
         bare = Server(stacks[1].https_url, stacks[1].tls_context())
         peers = []
         if args.baseline:
-            peers.append(Server(stacks[2].https_url, stacks[2].tls_context(), label=f"{args.baseline} at {baseline}"))
+            label = baseline if baseline.startswith(args.baseline) else f"{args.baseline} at {baseline}"
+            peers.append(Server(stacks[2].https_url, stacks[2].tls_context(), label=label))
             account(peers[-1], args.connections + 1)
         if args.peer_fastapi:
             fastapi = FastAPIPeer(args.peer_fastapi, args.peer_fastapi_venv, args.database_url, workdir / "fastapi")
