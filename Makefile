@@ -11,6 +11,8 @@ E2E_ARGS ?=
 BENCH_ARGS ?=
 # make bench creates (and drops) its own database on this server.
 BENCH_DATABASE_URL ?= $(or $(TEST_DATABASE_URL),postgresql://postgres@127.0.0.1:5432/postgres)
+# ... and runs the rate limiter on this Redis (its keys under a prefix of their own).
+BENCH_REDIS_URL ?= $(or $(TEST_REDIS_URL),redis://127.0.0.1:6379/0)
 
 .PHONY: run test browser lint format install install-dev e2e bench clean
 
@@ -56,7 +58,7 @@ e2e: $(BIN)/.deploy
 ## bench: wrk through nginx and uWSGI on PostgreSQL, each endpoint beside its reference
 bench: $(BIN)/.deploy
 	@command -v wrk >/dev/null || { echo "make bench needs wrk (apt-get install wrk)" >&2; exit 1; }
-	timeout -k 60 1200 $(BIN)/python bench/bench.py --database-url "$(BENCH_DATABASE_URL)" $(BENCH_ARGS)
+	timeout -k 60 1200 $(BIN)/python bench/bench.py --database-url "$(BENCH_DATABASE_URL)" --redis-url "$(BENCH_REDIS_URL)" $(BENCH_ARGS)
 
 ## lint: ruff (lint and format) over the tree, mypy over authapp/ and config.py
 lint: install-dev

@@ -31,6 +31,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,9 +51,12 @@ from devtools.stack import (  # noqa: E402
 )
 
 BENCH = ROOT / "bench"
+BARE = "bench.bare:app"
 BENCHMARK_PAGE = ROOT / "docs" / "benchmark.md"
 START_MARK, END_MARK = "<!-- bench:start -->", "<!-- bench:end -->"
 TARGETS = {"/health/live": 0.8, "/auth/me": 0.5, "/auth/login": 0.9, "/auth/register": 0.9}
+# /auth/me against the FastAPI template's GET /api/v1/users/me, measured in the same run.
+PEER_TARGET = 3.0
 P99_OVER_P50_LIMIT = 10
 
 
@@ -118,6 +122,7 @@ class Row:
     ours_cpu: float = 0.0
     load_before: str = ""
     load_after: str = ""
+    peer: str = ""  # the server measured, when it is not this tree's app (see bench/peers.py)
 
     @property
     def rps(self) -> float:
@@ -256,11 +261,11 @@ def _which(name: str) -> bool:
     return shutil.which(name) is not None or Path("/usr/sbin", name).exists()
 
 
-def postgres_backends(admin_url: str, database: str) -> set[int]:
+def postgres_backends(admin_url: str, databases: list[str]) -> set[int]:
     from sqlalchemy.engine import make_url
 
     with admin_connection(make_url(admin_url)) as conn, conn.cursor() as cur:
-        cur.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s", (database,))
+        cur.execute("SELECT pid FROM pg_stat_activity WHERE datname = ANY(%s)", (databases,))
         return {row[0] for row in cur.fetchall()}
 
 
@@ -277,10 +282,179 @@ def login_pairs(url: str, tls, username: str, count: int) -> list[dict[str, Any]
         return list(pool.map(one, range(count)))
 
 
+# The rate limiter runs as in production (Redis counters, shared by every instance), with
+# limits the bench's own traffic (every request from 127.0.0.1, every login one account's)
+# never reaches: the rows measure the limiter's work, never its refusals.
+GENEROUS_LIMIT = "1000000/minute"
+LIMITER_ENV = {
+    "RATELIMIT_ENABLED": "true",
+    "LOGIN_RATE_LIMIT": GENEROUS_LIMIT,
+    "REGISTER_RATE_LIMIT": GENEROUS_LIMIT,
+    "REFRESH_RATE_LIMIT": GENEROUS_LIMIT,
+    "LOGIN_MAX_FAILURES": "10000",
+}
+
+
+def limiter_env(redis_url: str, prefix: str) -> dict[str, str]:
+    return {**LIMITER_ENV, "RATELIMIT_STORAGE_URI": redis_url, "RATELIMIT_KEY_PREFIX": prefix}
+
+
+def drop_counters(redis_url: str, prefix: str) -> int:
+    """Delete the bench's counters (its key prefix only: the Redis may be shared); returns
+    how many there were."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"*{prefix}*", count=1000))
+        return client.delete(*keys) if keys else 0
+    finally:
+        client.close()
+
+
+@dataclass
+class Step:
+    """One wrk run: its row, the server it goes to, what wrk sends, and what the row is
+    compared with ("bare": the bare runs just before and after it; "ceiling": the bcrypt
+    ceiling; "": nothing, a bare run itself)."""
+
+    row: Row
+    base_url: str
+    reference: str = ""
+    script: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    warm: bool = True
+
+
+class Plan:
+    """The wrk runs of one bench, in order. The bare route runs before and after each row
+    compared with it: this machine's speed drifts (seen: the same CPU-bound loop 1.4 to
+    2.2 s from one minute to the next), so a row is compared with the bare runs beside it."""
+
+    def __init__(self, bare_url: str, connections: int) -> None:
+        self.bare_url, self.connections = bare_url, connections
+        self.steps: list[Step] = []
+
+    def bare(self) -> None:
+        number = 1 + sum(step.row.path == "/" for step in self.steps)
+        self.steps.append(Step(Row(f"bare Flask route ({number})", "/", self.connections), self.bare_url))
+
+    def beside_bare(self, step: Step) -> None:
+        if not self.steps or self.steps[-1].reference:
+            self.bare()
+        step.reference = "bare"
+        self.steps.append(step)
+        self.bare()
+
+    def against_ceiling(self, step: Step) -> None:
+        step.reference = "ceiling"
+        self.steps.append(step)
+
+    def measure(self, runner: Runner) -> list[Row]:
+        for step in self.steps:
+            url = step.base_url + step.row.path
+            runner.measure(step.row, url, script=step.script, headers=step.headers, warm=step.warm)
+        return [step.row for step in self.steps]
+
+    def compare(self, ceiling: float) -> None:
+        """Each row's reference, once every run is measured."""
+        for before, step, after in zip([None, *self.steps[:-1]], self.steps, [*self.steps[1:], None], strict=True):
+            if step.reference == "ceiling":
+                step.row.reference, step.row.reference_rps = "bcrypt ceiling", ceiling
+            elif step.reference == "bare":
+                assert before is not None and after is not None
+                step.row.reference = "bare Flask, runs before and after"
+                step.row.reference_rps = statistics.mean((before.row.rps, after.row.rps))
+
+
+@dataclass
+class Server:
+    """Something the rows are sent to: its HTTPS base URL, its TLS trust, its name in the
+    rows ("" for this tree's app), and what the rows send it."""
+
+    url: str
+    tls: Any
+    label: str = ""
+    access: str = ""  # a Bearer access token
+    refresh_tokens: list[str] = field(default_factory=list)
+
+
+def account(server: Server, sessions: int = 0) -> tuple[str, str]:
+    """Register a user of an authapp server; its access token, and (with `sessions`) as many
+    refresh tokens, each of its own session (`sessions` + 1 logins: one warms the path up)."""
+    user = f"bench{uuid.uuid4().hex[:8]}"
+    body = {"email": f"{user}@example.com", "username": user, "password": PASSWORD}
+    registered = call(server.url, "POST", "/auth/register", json_body=body, tls=server.tls)
+    assert registered.status == 201, registered.body
+    server.access = registered.json()["access_token"]
+    if sessions:
+        pairs = login_pairs(server.url, server.tls, user, sessions + 1)
+        chain = pairs.pop()["refresh_token"]
+        for _ in range(20):  # wrk cannot warm /auth/refresh up: each token can be used once
+            reply = call(server.url, "POST", "/auth/refresh", json_body={"refresh_token": chain}, tls=server.tls)
+            assert reply.status == 200, reply.body
+            chain = reply.json()["refresh_token"]
+        server.refresh_tokens = [pair["refresh_token"] for pair in pairs]
+    return user, server.access
+
+
+def build_plan(args: argparse.Namespace, bare: Server, app: Server, user: str, peers: list[Server]) -> Plan:
+    """The rows of the run, by name: authapp's fast rows, each followed by the same row of
+    the baseline commit if there is one, and the template's /users/me after /auth/me;
+    then the bcrypt rows."""
+    fast, slow = args.connections, args.bcrypt_connections or 2 * (os.cpu_count() or 1)
+    signed = "" if args.algorithm == "HS256" else f" ({args.algorithm})"
+    plan = Plan(bare.url, fast)
+    baselines = [peer for peer in peers if peer.label != FASTAPI_LABEL]
+
+    def wanted(path: str) -> bool:
+        return not args.only or path in args.only
+
+    def bearer(server: Server) -> dict[str, str]:
+        return {"Authorization": f"Bearer {server.access}"}
+
+    for path, name in (("/health/live", "GET /health/live"), ("/auth/me", f"GET /auth/me{signed}")):
+        if not wanted(path):
+            continue
+        for server in (app, *baselines):
+            label = f" ({server.label})" if server.label else ""
+            headers = bearer(server) if path == "/auth/me" else {}
+            plan.beside_bare(Step(Row(name + label, path, fast, peer=server.label), server.url, headers=headers))
+    for server in peers:
+        if server.label == FASTAPI_LABEL and wanted("/auth/me"):
+            row = Row(f"GET /api/v1/users/me ({FASTAPI_LABEL})", "/api/v1/users/me", fast, peer=server.label)
+            plan.beside_bare(Step(row, server.url, headers=bearer(server)))
+    for server in (app, *baselines) if wanted("/auth/refresh") else ():
+        tokens = lua_string(",".join(server.refresh_tokens))
+        script = f"BENCH_TOKENS = {{{tokens}}}\n" + (BENCH / "refresh.lua").read_text()
+        row = Row("POST /auth/refresh" + (f" ({server.label})" if server.label else ""), "/auth/refresh", fast)
+        row.peer = server.label
+        plan.beside_bare(Step(row, server.url, script=script, warm=False))
+    if wanted("/auth/login"):
+        login = lua_string(json.dumps({"username": user, "password": PASSWORD}))
+        script = f"BENCH_BODY = {login}\n" + (BENCH / "post_json.lua").read_text()
+        row = Row("POST /auth/login", "/auth/login", slow, args.bcrypt_seconds)
+        plan.against_ceiling(Step(row, app.url, script=script))
+    if wanted("/auth/register"):
+        prefix = lua_string("r" + uuid.uuid4().hex[:6])
+        script = f"BENCH_PREFIX = {prefix}\nBENCH_PASSWORD = {lua_string(PASSWORD)}\n"
+        script += (BENCH / "register.lua").read_text()
+        row = Row("POST /auth/register", "/auth/register", slow, args.bcrypt_seconds)
+        plan.against_ceiling(Step(row, app.url, script=script))
+    return plan
+
+
+FASTAPI_LABEL = "full-stack-fastapi-template"
+FASTAPI_PEER_NOTE = (
+    "the FastAPI full-stack template's backend, `fastapi run --workers 2` (uvicorn), on its own database on the "
+    "same PostgreSQL, behind an nginx of its own with nginx.conf's TLS settings (proxy_pass, keep-alive)."
+)
+
+
 def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
     """The rows, and the references: bcrypt timings, the ceiling, the bare route's mean."""
-    database = f"authapp_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    database_url = create_database(args.database_url, database)
+    tag = f"{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    databases: list[str] = []
     workdir = Path(tempfile.mkdtemp(prefix="authapp-bench-"))
     env = {"BCRYPT_ROUNDS": str(args.rounds), "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "INFO")}
     env["JWT_ALGORITHM"] = args.algorithm
@@ -288,110 +462,76 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
     for option in args.uwsgi_option:
         name, _, value = option.partition("=")
         overrides += (f"--{name}", value)
+    prefixes: list[str] = []
 
-    def stack(name: str, *uwsgi_args: str) -> Stack:
+    def stack(name: str, *uwsgi_args: str, root: Path = ROOT) -> Stack:
+        database = f"authapp_bench_{name}_{tag}"
+        databases.append(database)
+        prefixes.append(f"authapp-bench-{name}-{tag}:")
         return Stack(
             workdir / name,
-            database_url,
+            create_database(args.database_url, database),
             instances=args.instances,
-            env=env,
+            env={**env, **limiter_env(args.redis_url, prefixes[-1])},
             nginx_workers=args.nginx_workers,
             uwsgi_args=(*overrides, *uwsgi_args),
+            root=root,
         )
 
-    app, bare = stack("app"), stack("bare", "--module", "bench.bare:app")
+    from bench.peers import FastAPIPeer, baseline_tree  # only when the bench runs (tests load this file alone)
+
     stacks: list[Stack] = []
-    try:
-        for stack in (app, bare):
-            stacks.append(stack)
-            stack.start()
-        tls = app.tls_context()
-        user = f"bench{uuid.uuid4().hex[:8]}"
-        account = {"email": f"{user}@example.com", "username": user, "password": PASSWORD}
-        registered = call(app.https_url, "POST", "/auth/register", json_body=account, tls=tls)
-        assert registered.status == 201, registered.body
-        access = registered.json()["access_token"]
-        fast, slow = args.connections, args.bcrypt_connections or 2 * (os.cpu_count() or 1)
-        slow_seconds = args.bcrypt_seconds
+    fastapi: FastAPIPeer | None = None
+    with ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
+        cleanup.callback(lambda: [drop_database(args.database_url, d) for d in databases])
+        cleanup.callback(lambda: [drop_counters(args.redis_url, p) for p in prefixes])
+        wanted: list[tuple[str, Path, tuple[str, ...]]] = [("app", ROOT, ()), ("bare", ROOT, ("--module", BARE))]
+        baseline = ""
+        if args.baseline:
+            tree, baseline = cleanup.enter_context(baseline_tree(args.baseline))
+            wanted.append(("baseline", tree, ()))
+        cleanup.callback(lambda: [st.stop() for st in reversed(stacks)])
+        for name, root, uwsgi_args in wanted:
+            stacks.append(stack(name, *uwsgi_args, root=root))
+            stacks[-1].start()
+        app = Server(stacks[0].https_url, stacks[0].tls_context())
+        bare = Server(stacks[1].https_url, stacks[1].tls_context())
+        peers = []
+        if args.baseline:
+            label = baseline if baseline.startswith(args.baseline) else f"{args.baseline} at {baseline}"
+            peers.append(Server(stacks[2].https_url, stacks[2].tls_context(), label=label))
+            account(peers[-1], args.connections + 1)
+        if args.peer_fastapi:
+            fastapi = FastAPIPeer(args.peer_fastapi, args.peer_fastapi_venv, args.database_url, workdir / "fastapi")
+            cleanup.callback(fastapi.stop)
+            fastapi.start()
+            peers.append(Server(fastapi.https_url, fastapi.tls_context(), FASTAPI_LABEL, fastapi.access_token()))
         # /auth/refresh: one session per wrk connection, plus one for the request wrk makes
-        # when a thread starts and never sends, plus one to warm the path up (wrk cannot
-        # warm it: each refresh token can be used once).
-        sessions = login_pairs(app.https_url, tls, user, fast + 2)
-        chain = sessions.pop()["refresh_token"]
-        for _ in range(20):
-            reply = call(app.https_url, "POST", "/auth/refresh", json_body={"refresh_token": chain}, tls=tls)
-            chain = reply.json()["refresh_token"]
+        # when a thread starts and never sends.
+        user, _ = account(app, args.connections + 1)
+        plan = build_plan(args, bare, app, user, peers)
 
         groups = {i.process.pid for st in stacks for i in st.started if i.process}
         groups |= {st.nginx.pid for st in stacks if st.nginx}
-        runner = Runner(args.seconds, args.warmup, groups, lambda: postgres_backends(args.database_url, database))
+        groups |= fastapi.process_groups() if fastapi else set()
+        all_databases = [*databases, *([fastapi.database] if fastapi else [])]
+        runner = Runner(args.seconds, args.warmup, groups, lambda: postgres_backends(args.database_url, all_databases))
         bcrypt_times = bcrypt_seconds(args.rounds, args.bcrypt_samples)
-        tokens = lua_string(",".join(s["refresh_token"] for s in sessions))
-        login = lua_string(json.dumps({"username": user, "password": PASSWORD}))
-        prefix = lua_string("r" + uuid.uuid4().hex[:6])
-
-        signed = "" if args.algorithm == "HS256" else f" ({args.algorithm})"
-
-        def bare_row(n: int) -> tuple[Row, Stack, dict]:
-            return Row(f"bare Flask route ({n})", "/", fast), bare, {}
-
-        fast_rows = [
-            (Row("GET /health/live", "/health/live", fast), app, {}),
-            (Row(f"GET /auth/me{signed}", "/auth/me", fast), app, {"headers": {"Authorization": f"Bearer {access}"}}),
-            (
-                Row("POST /auth/refresh", "/auth/refresh", fast),
-                app,
-                {"script": f"BENCH_TOKENS = {{{tokens}}}\n" + (BENCH / "refresh.lua").read_text(), "warm": False},
-            ),
-        ]
-        bcrypt_rows = [
-            (
-                Row("POST /auth/login", "/auth/login", slow, slow_seconds),
-                app,
-                {"script": f"BENCH_BODY = {login}\n" + (BENCH / "post_json.lua").read_text()},
-            ),
-            (
-                Row("POST /auth/register", "/auth/register", slow, slow_seconds),
-                app,
-                {
-                    "script": f"BENCH_PREFIX = {prefix}\nBENCH_PASSWORD = {lua_string(PASSWORD)}\n"
-                    + (BENCH / "register.lua").read_text()
-                },
-            ),
-        ]
-        if args.only:  # a quick look at some rows
-            fast_rows = [step for step in fast_rows if step[0].path in args.only]
-            bcrypt_rows = [step for step in bcrypt_rows if step[0].path in args.only]
-        # The bare route runs before and after each row that is compared with it: this
-        # machine's speed drifts (seen: the same CPU-bound loop 1.4 to 2.2 s from one
-        # minute to the next), so a row is compared with the bare runs beside it.
-        plan = [bare_row(1)]
-        for step in fast_rows:
-            plan += [step, bare_row(len([p for p in plan if p[0].path == "/"]) + 1)]
-        plan += bcrypt_rows
-        rows = [runner.measure(row, stack.https_url + row.path, **options) for row, stack, options in plan]
+        rows = plan.measure(runner)
         bcrypt_times += bcrypt_seconds(args.rounds, args.bcrypt_samples)
-        bare_rows = [row for row in rows if row.path == "/"]
-
-        bare_rps = statistics.mean(r.rps for r in bare_rows)
         ceiling = (os.cpu_count() or 1) / min(bcrypt_times)
-        for i, row in enumerate(rows):
-            if row.path in ("/auth/login", "/auth/register"):
-                row.reference, row.reference_rps = "bcrypt ceiling", ceiling
-            elif row.path != "/":
-                row.reference = "bare Flask, runs before and after"
-                row.reference_rps = statistics.mean((rows[i - 1].rps, rows[i + 1].rps))
+        plan.compare(ceiling)
         return rows, {
             "bcrypt_seconds": bcrypt_times,
-            "bare_rps": bare_rps,
+            "bare_rps": statistics.mean(row.rps for row in rows if row.path == "/"),
             "ceiling": ceiling,
-            "log_lines_lost": lost_log_lines(app),
+            "log_lines_lost": lost_log_lines(stacks[0]),
+            "baseline": baseline,
+            "limiter_prefix": prefixes[0],
+            "limiter_keys": drop_counters(args.redis_url, prefixes[0]),  # > 0: the limiter counted
         }
-    finally:
-        for stack in reversed(stacks):
-            stack.stop()
-        drop_database(args.database_url, database)
-        shutil.rmtree(workdir, ignore_errors=True)
+    raise AssertionError("unreachable")
 
 
 def lost_log_lines(stack: Stack, patience: float = 10.0) -> int:
@@ -427,7 +567,7 @@ def lost_log_lines(stack: Stack, patience: float = 10.0) -> int:
 
 def verdicts(rows: list[Row]) -> list[tuple[str, bool]]:
     found = []
-    by_path = {row.path: row for row in rows}
+    by_path = {row.path: row for row in rows if not row.peer}
     for path, target in TARGETS.items():
         row = by_path.get(path)
         if row is None:
@@ -438,7 +578,33 @@ def verdicts(rows: list[Row]) -> list[tuple[str, bool]]:
     me = by_path["/auth/me"].result
     text = f"/auth/me: p99 {me['p99_us'] / 1000:.1f} ms = {me['p99_us'] / me['p50_us']:.1f} x p50"
     found.append((f"{text} (target < {P99_OVER_P50_LIMIT})", me["p99_us"] < P99_OVER_P50_LIMIT * me["p50_us"]))
+    for peer in rows:
+        if peer.peer == FASTAPI_LABEL:
+            ours = by_path["/auth/me"]
+            text = f"/auth/me: {ours.rps / peer.rps:.2f} x the FastAPI template's GET /api/v1/users/me"
+            found.append(
+                (f"{text}{normalized(ours, peer)} (target >= {PEER_TARGET:g})", ours.rps >= PEER_TARGET * peer.rps)
+            )
     return found
+
+
+def normalized(ours: Row, peer: Row) -> str:
+    """The same ratio with each row taken against the bare runs beside it (the drift out)."""
+    if not (ours.ratio and peer.ratio):
+        return ""
+    return f"; {ours.ratio / peer.ratio:.2f} x against the bare runs beside each"
+
+
+def peer_lines(rows: list[Row]) -> list[str]:
+    """Each row of authapp beside the same row of another commit (`--baseline`)."""
+    ours = {row.path: row for row in rows if not row.peer}
+    lines = []
+    for row in rows:
+        if row.peer and row.peer != FASTAPI_LABEL and row.path in ours:
+            mine = ours[row.path]
+            lines.append(f"- {row.path}: {mine.rps / row.rps:.2f} x {row.peer} ({mine.rps:,.1f} / {row.rps:,.1f} "
+                         f"requests/s{normalized(mine, row)})")  # fmt: skip
+    return lines
 
 
 def table(rows: list[Row], info: dict[str, Any]) -> str:
@@ -448,7 +614,7 @@ def table(rows: list[Row], info: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---|---:|---:|---|---:|",
     ]
     for row in rows:
-        target = TARGETS.get(row.path)
+        target = None if row.peer else TARGETS.get(row.path)
         ratio = f"{row.ratio:.2f}" if row.reference_rps else ""
         reference = f"{row.reference} ({row.reference_rps:,.1f}/s)" if row.reference_rps else "(reference)"
         errors = f" ({row.errors} errors)" if row.errors else ""
@@ -459,6 +625,7 @@ def table(rows: list[Row], info: dict[str, Any]) -> str:
         )
     m = info["machine"]
     times = info["bcrypt_seconds"]
+    limits = ", ".join(f"{k}={v}" for k, v in LIMITER_ENV.items() if k != "RATELIMIT_ENABLED")
     return "\n".join(
         [
             f"Measured {info['when']} with `{info['command']}` on {m['cpu']}, {m['cores']} cores, "
@@ -468,7 +635,11 @@ def table(rows: list[Row], info: dict[str, Any]) -> str:
             + ", "
             f"PostgreSQL on the same machine, BCRYPT_ROUNDS={info['rounds']}, wrk with 1 thread, "
             f"{info['seconds']:g} s per row ({info['bcrypt_seconds_per_row']:g} s for the bcrypt rows) after "
-            f"{info['warmup']:g} s of warm-up and a wait for the stack to be idle.",
+            f"{info['warmup']:g} s of warm-up and a wait for the stack to be idle. Rate limiter on, its "
+            f"counters in Redis, with {limits} "
+            "(generous: every request of the bench comes from one address and logs into one account)."
+            + (f" Baseline: a second stack from a worktree of {info['baseline']}." if info.get("baseline") else "")
+            + (f" Peer: {FASTAPI_PEER_NOTE}" if any(r.peer == FASTAPI_LABEL for r in rows) else ""),
             "",
             *lines,
             "",
@@ -481,6 +652,7 @@ def table(rows: list[Row], info: dict[str, Any]) -> str:
             "figures are fair only when it is near 0.",
             "",
             *[f"- {'PASS' if ok else 'MISS'}: {text}" for text, ok in info["verdicts"]],
+            *peer_lines(rows),
         ]
     )
 
@@ -489,8 +661,8 @@ def bench_command(argv: list[str]) -> str:
     """`make bench` with the options given, the database URL left out."""
     options, skip = [], False
     for arg in argv:
-        if skip or arg.startswith(("--database-url", "--results-dir")):
-            skip = arg in ("--database-url", "--results-dir")
+        if skip or arg.startswith(("--database-url", "--results-dir", "--redis-url")):
+            skip = arg in ("--database-url", "--results-dir", "--redis-url")
             continue
         options.append(arg)
     return "make bench" + (f" BENCH_ARGS='{' '.join(options)}'" if options else "")
@@ -556,9 +728,36 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="do not write the table into docs/benchmark.md (--no-readme: the former name)",
     )
+    parser.add_argument(
+        "--redis-url",
+        default="redis://127.0.0.1:6379/0",
+        help="the rate limiter's Redis (its keys get a prefix of their own, deleted afterwards)",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="GITREF",
+        help="also measure the fast rows of this commit (a git worktree of it, a stack of its own)",
+    )
+    parser.add_argument(
+        "--peer-fastapi",
+        type=Path,
+        metavar="PATH",
+        help="a checkout of the FastAPI full-stack template: also measure its GET /api/v1/users/me",
+    )
+    parser.add_argument(
+        "--peer-fastapi-venv",
+        type=Path,
+        metavar="PATH",
+        help="the template's virtualenv (default: PATH/backend/.venv, what `uv sync` makes)",
+    )
     parser.add_argument("--results-dir", type=Path, default=BENCH / "results", help="where the raw figures go")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
+    if args.peer_fastapi:  # refused before anything starts
+        from bench.peers import template_backend
+
+        args.peer_fastapi_venv = args.peer_fastapi_venv or args.peer_fastapi / "backend" / ".venv"
+        template_backend(args.peer_fastapi, args.peer_fastapi_venv)
     # `timeout` (make bench) sends SIGTERM: unwind so that every process started is stopped.
     signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
 

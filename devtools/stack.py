@@ -184,6 +184,60 @@ def _wait_group_gone(pgid: int, timeout: float) -> None:
         time.sleep(0.02)
 
 
+def nginx_main_conf(nginx_dir: Path, log_dir: Path, workers: int, site: Path) -> Path:
+    """The main context around a site file (the distribution's nginx.conf in production):
+    the smallest that runs it unchanged (workers as root: uWSGI runs as root here)."""
+    kinds = (("client_body", "body"), ("proxy", "proxy"), ("fastcgi", "fastcgi"), ("uwsgi", "uwsgi"), ("scgi", "scgi"))
+    for _, name in kinds:
+        (nginx_dir / "temp" / name).mkdir(parents=True, exist_ok=True)
+    temp_paths = "\n".join(f"    {kind}_temp_path {nginx_dir}/temp/{name};" for kind, name in kinds)
+    main = nginx_dir / "nginx.conf"
+    main.write_text(
+        "daemon off;\n"
+        "master_process on;\n"
+        f"worker_processes {workers};\n"
+        + ("user root root;\n" if os.geteuid() == 0 else "")
+        + f"pid {nginx_dir}/nginx.pid;\n"
+        f"error_log {log_dir}/nginx-error.log warn;\n"
+        "events { worker_connections 4096; }\n"
+        "http {\n"
+        "    default_type application/octet-stream;\n"
+        f"{temp_paths}\n"
+        "    access_log off;\n"
+        f"    include {site};\n"
+        "}\n"
+    )
+    return main
+
+
+def start_nginx(main: Path, nginx_dir: Path, log_dir: Path, port: int) -> subprocess.Popen:
+    """nginx from `main` (checked with -t first), in a process group of its own, once it
+    listens on `port`."""
+    command = [find_binary("nginx"), "-p", f"{nginx_dir}/", "-e", f"{log_dir}/nginx-error.log", "-c"]
+    check = subprocess.run([*command, str(main), "-t"], capture_output=True, text=True, timeout=60)
+    if check.returncode != 0:
+        raise RuntimeError("nginx -t failed:\n" + check.stderr)
+    with (log_dir / "nginx-stderr.log").open("ab") as stderr:
+        nginx = subprocess.Popen(
+            [*command, str(main)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if nginx.poll() is not None:
+            raise RuntimeError("nginx exited:\n" + (log_dir / "nginx-error.log").read_text()[-4000:])
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return nginx
+        except OSError:
+            time.sleep(0.05)
+    _stop_group(nginx, signal.SIGQUIT, 15)
+    raise TimeoutError("nginx did not listen")
+
+
 @dataclass
 class Instance:
     number: int
@@ -212,13 +266,15 @@ class Stack:
     env: Mapping[str, str] = field(default_factory=dict)
     uwsgi_args: tuple[str, ...] = ()
     nginx_workers: int = 1
-    ini: Path = UWSGI_INI
+    root: Path = ROOT  # the tree whose app, uwsgi.ini and nginx.conf run (bench: another commit's)
+    ini: Path | None = None  # default: the root's uwsgi.ini
     started: list[Instance] = field(default_factory=list)
     nginx: subprocess.Popen | None = None
     courier: subprocess.Popen | None = None
     mailbox: Mailbox = field(default_factory=Mailbox)
 
     def __post_init__(self) -> None:
+        self.ini = self.ini or self.root / UWSGI_INI.name
         self.run_dir = self.workdir / "run"
         self.log_dir = self.workdir / "logs"
         self.nginx_dir = self.workdir / "nginx"
@@ -282,7 +338,7 @@ class Stack:
         """The release step of docs/deployment.md: `flask --app wsgi db upgrade`; with a key pair
         algorithm, a first signing key too (docs/signing-keys.md)."""
         flask = [find_binary("flask"), "--app", "wsgi"]
-        options = {"cwd": ROOT, "env": self.app_env(), "check": True, "capture_output": True, "timeout": 120}
+        options = {"cwd": self.root, "env": self.app_env(), "check": True, "capture_output": True, "timeout": 120}
         subprocess.run([*flask, "db", "upgrade"], **options)
         if self.app_env().get("JWT_ALGORITHM", "HS256").upper().startswith("HS"):
             return
@@ -361,7 +417,7 @@ class Stack:
         with self.courier_log.open("ab") as log:
             self.courier = subprocess.Popen(
                 [find_binary("flask"), "--app", "wsgi", "mail", "courier", "--poll", "0.2"],
-                cwd=ROOT,
+                cwd=self.root,
                 env=self.app_env(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -379,7 +435,7 @@ class Stack:
 
     def write_nginx_conf(self) -> Path:
         site = render_nginx_conf(
-            NGINX_CONF.read_text(),
+            (self.root / NGINX_CONF.name).read_text(),
             run_dir=self.run_dir,
             log_dir=self.log_dir,
             www_dir=self.workdir / "www",
@@ -391,62 +447,10 @@ class Stack:
         )
         (self.nginx_dir / "authapp.conf").write_text(site)
         shutil.copyfile(STOCK_UWSGI_PARAMS, self.nginx_dir / "uwsgi_params")
-        for temp in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-            (self.nginx_dir / "temp" / temp).mkdir(parents=True, exist_ok=True)
-        temp_paths = "\n".join(
-            f"    {kind}_temp_path {self.nginx_dir}/temp/{name};"
-            for kind, name in (
-                ("client_body", "body"),
-                ("proxy", "proxy"),
-                ("fastcgi", "fastcgi"),
-                ("uwsgi", "uwsgi"),
-                ("scgi", "scgi"),
-            )
-        )
-        # The main context is the distribution's nginx.conf in production; this one is the
-        # smallest that runs the site file unchanged (workers as root: uWSGI runs as root here).
-        main = self.nginx_dir / "nginx.conf"
-        main.write_text(
-            "daemon off;\n"
-            "master_process on;\n"
-            f"worker_processes {self.nginx_workers};\n"
-            + ("user root root;\n" if os.geteuid() == 0 else "")
-            + f"pid {self.nginx_dir}/nginx.pid;\n"
-            f"error_log {self.log_dir}/nginx-error.log warn;\n"
-            "events { worker_connections 4096; }\n"
-            "http {\n"
-            "    default_type application/octet-stream;\n"
-            f"{temp_paths}\n"
-            "    access_log off;\n"
-            f"    include {self.nginx_dir}/authapp.conf;\n"
-            "}\n"
-        )
-        return main
+        return nginx_main_conf(self.nginx_dir, self.log_dir, self.nginx_workers, self.nginx_dir / "authapp.conf")
 
     def start_nginx(self) -> None:
-        main = self.write_nginx_conf()
-        command = [find_binary("nginx"), "-p", f"{self.nginx_dir}/", "-e", f"{self.log_dir}/nginx-error.log", "-c"]
-        check = subprocess.run([*command, str(main), "-t"], capture_output=True, text=True, timeout=60)
-        if check.returncode != 0:
-            raise RuntimeError("nginx -t failed:\n" + check.stderr)
-        with (self.log_dir / "nginx-stderr.log").open("ab") as stderr:
-            self.nginx = subprocess.Popen(
-                [*command, str(main)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.nginx.poll() is not None:
-                raise RuntimeError("nginx exited:\n" + (self.log_dir / "nginx-error.log").read_text()[-4000:])
-            try:
-                with socket.create_connection(("127.0.0.1", self.https_port), timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise TimeoutError("nginx did not listen")
+        self.nginx = start_nginx(self.write_nginx_conf(), self.nginx_dir, self.log_dir, self.https_port)
 
     # -- all of it ------------------------------------------------------------------------
 

@@ -4,10 +4,12 @@ session as stolen."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
+from functools import cache
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Executable, Select, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from .. import audit, clock, settings
@@ -53,12 +55,7 @@ def _live_token(
 ) -> tuple[RefreshToken | None, AuthSession, User]:
     """The token's row (None when it was pruned) with its session and user, or the error
     that says why it is dead."""
-    row = db.execute(
-        select(RefreshToken, AuthSession, User)
-        .join(AuthSession, RefreshToken.session_id == AuthSession.id)
-        .join(User, AuthSession.user_id == User.id)
-        .where(RefreshToken.jti_hash == tokens.jti_hash(jti))
-    ).one_or_none()
+    row = db.execute(_statements().token, {"token_hash": tokens.jti_hash(jti)}).one_or_none()
     if row is not None:
         token, auth_session, user = row
     else:  # its session was deleted, or it was retired and pruned
@@ -86,16 +83,86 @@ def _rotate(
     """Retire an unused token and add its successor; None when it was retired already
     (`token.used_at` then tells when)."""
     if token.used_at is None:
-        retired = db.execute(
-            update(RefreshToken).where(RefreshToken.id == token.id, RefreshToken.used_at.is_(None)).values(used_at=now)
-        ).rowcount  # type: ignore[attr-defined]
-        if retired == 1:
-            child, child_jti = sessions.new_refresh_token(db, auth_session, tokens.child_jti(jti), token.id, now)
-            db.execute(update(AuthSession).where(AuthSession.id == auth_session.id).values(last_used_at=now))
+        child_jti = tokens.child_jti(jti)
+        child = sessions.refresh_token_row(auth_session, child_jti, token.id, now)
+        if _retire(db, token, child, now):
             return sessions.Issued(auth_session, child, child_jti)
         # A concurrent refresh of the same token retired it first.
         token.used_at = db.scalar(select(RefreshToken.used_at).where(RefreshToken.id == token.id))
     return None
+
+
+def _retire(db: Session, token: RefreshToken, child: RefreshToken, now: datetime) -> bool:
+    """Retire `token` if it is still unused (`used_at IS NULL`: of two concurrent refreshes
+    only one retires it), store `child` as its successor (`parent_id` is unique besides)
+    and mark the session used; False when the token was retired already.
+
+    On PostgreSQL that is one statement (`_Statements.rotate`), so one round trip instead
+    of three; elsewhere (SQLite) three. Core statements, not the ORM's: `child` gets its id
+    from the insert and is never flushed."""
+    connection = db.connection()
+    values = {"token_id": token.id, "now": now, "child_hash": child.jti_hash, "child_expires": child.expires_at}
+    statements = _statements()
+    if connection.dialect.name == "postgresql":
+        child_id = connection.execute(statements.rotate, values).scalar()
+    else:
+        if connection.execute(statements.retire, values).rowcount != 1:
+            return False
+        connection.execute(statements.touch, {"sid": child.session_id, "now": now})
+        child_id = connection.execute(statements.insert, {**values, "sid": child.session_id}).scalar()
+    if child_id is None:
+        return False
+    child.id = child_id
+    return True
+
+
+@dataclass(frozen=True)
+class _Statements:
+    """The statements of a rotation, built once (with bound parameters): building and
+    caching a statement anew for each refresh costs more than running it. No parameter
+    is named after a column (SQLAlchemy would add it to an UPDATE's SET)."""
+
+    token: Select[RefreshToken, AuthSession, User]  # by the hash of its jti, with its session and user
+    retire: Executable  # token_id, now: the token retired if it is still unused
+    touch: Executable  # sid, now: the session's last use
+    insert: Executable  # the child: sid, child_hash, token_id (its parent), now, child_expires
+    # PostgreSQL: retire, then insert the child from the row retired and touch its session,
+    # in one statement (data-modifying WITH queries). The session is touched only once the
+    # token is retired (its row locked): two refreshes of one token never deadlock.
+    rotate: Executable
+
+
+@cache
+def _statements() -> _Statements:
+    table = RefreshToken.__table__
+    now = bindparam("now", type_=table.c.issued_at.type)
+    retire = (
+        update(RefreshToken)
+        .where(RefreshToken.id == bindparam("token_id"), RefreshToken.used_at.is_(None))
+        .values(used_at=now)
+    )
+    touch = update(AuthSession).values(last_used_at=now)
+    columns = ("session_id", "jti_hash", "parent_id", "issued_at", "expires_at")
+    child = {
+        "jti_hash": bindparam("child_hash", type_=table.c.jti_hash.type),
+        "issued_at": now,
+        "expires_at": bindparam("child_expires", type_=table.c.expires_at.type),
+    }
+    retired = retire.returning(RefreshToken.id, RefreshToken.session_id).cte("retired")
+    from_retired = select(retired.c.session_id, child["jti_hash"], retired.c.id, now, child["expires_at"])
+    touched = touch.where(AuthSession.id == retired.c.session_id).cte("touched")
+    return _Statements(
+        token=select(RefreshToken, AuthSession, User)
+        .join(AuthSession, RefreshToken.session_id == AuthSession.id)
+        .join(User, AuthSession.user_id == User.id)
+        .where(RefreshToken.jti_hash == bindparam("token_hash")),
+        retire=retire,
+        touch=touch.where(AuthSession.id == bindparam("sid")),
+        insert=insert(RefreshToken)
+        .values(session_id=bindparam("sid"), parent_id=bindparam("token_id"), **child)
+        .returning(RefreshToken.id),
+        rotate=insert(RefreshToken).from_select(columns, from_retired).add_cte(touched).returning(RefreshToken.id),
+    )
 
 
 def _replayed(

@@ -95,17 +95,22 @@ def start(
 def new_refresh_token(
     db: Session, auth_session: AuthSession, jti: str, parent_id: int | None, now: datetime
 ) -> tuple[RefreshToken, str]:
-    """Add a refresh token of `auth_session`; it never outlives the session."""
+    """Add a refresh token of `auth_session` to the unit of work."""
+    refresh = refresh_token_row(auth_session, jti, parent_id, now)
+    db.add(refresh)
+    return refresh, jti
+
+
+def refresh_token_row(auth_session: AuthSession, jti: str, parent_id: int | None, now: datetime) -> RefreshToken:
+    """A refresh token of `auth_session`, not yet stored; it never outlives the session."""
     expires = min(now + settings.current().refresh_token_lifetime, auth_session.expires_at)
-    refresh = RefreshToken(
+    return RefreshToken(
         session_id=auth_session.id,
         jti_hash=tokens.jti_hash(jti),
         parent_id=parent_id,
         issued_at=now,
         expires_at=expires,
     )
-    db.add(refresh)
-    return refresh, jti
 
 
 def revoke(db: Session, reason: str, now: datetime, *conditions: Any) -> int:

@@ -1,0 +1,80 @@
+"""bench/bench.py's plan, without running it: which rows, in which order, against what
+(`make bench` itself runs in tests/e2e/test_bench_script.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from bench.bench import FASTAPI_LABEL, PEER_TARGET, Row, Server, build_plan, peer_lines, verdicts
+
+BARE = Server("https://127.0.0.1:1", None)
+APP = Server("https://127.0.0.1:2", None, access="ours", refresh_tokens=["t1", "t2"])
+MAIN = Server("https://127.0.0.1:3", None, "main at abc1234", access="theirs", refresh_tokens=["m1"])
+FASTAPI = Server("https://127.0.0.1:4", None, FASTAPI_LABEL, access="template")
+
+
+def options(**overrides) -> argparse.Namespace:
+    values = {"connections": 4, "bcrypt_connections": 2, "bcrypt_seconds": 30, "algorithm": "HS256", "only": []}
+    return argparse.Namespace(**{**values, **overrides})
+
+
+def test_each_fast_row_and_its_peers_stand_between_bare_runs():
+    plan = build_plan(options(), BARE, APP, "someone", [MAIN, FASTAPI])
+    assert [(step.row.name, step.base_url, step.reference) for step in plan.steps] == [
+        ("bare Flask route (1)", BARE.url, ""),
+        ("GET /health/live", APP.url, "bare"),
+        ("bare Flask route (2)", BARE.url, ""),
+        ("GET /health/live (main at abc1234)", MAIN.url, "bare"),
+        ("bare Flask route (3)", BARE.url, ""),
+        ("GET /auth/me", APP.url, "bare"),
+        ("bare Flask route (4)", BARE.url, ""),
+        ("GET /auth/me (main at abc1234)", MAIN.url, "bare"),
+        ("bare Flask route (5)", BARE.url, ""),
+        (f"GET /api/v1/users/me ({FASTAPI_LABEL})", FASTAPI.url, "bare"),
+        ("bare Flask route (6)", BARE.url, ""),
+        ("POST /auth/refresh", APP.url, "bare"),
+        ("bare Flask route (7)", BARE.url, ""),
+        ("POST /auth/refresh (main at abc1234)", MAIN.url, "bare"),
+        ("bare Flask route (8)", BARE.url, ""),
+        ("POST /auth/login", APP.url, "ceiling"),
+        ("POST /auth/register", APP.url, "ceiling"),
+    ]
+    headers = {step.row.name: step.headers for step in plan.steps}
+    assert headers["GET /auth/me"] == {"Authorization": "Bearer ours"}
+    assert headers["GET /auth/me (main at abc1234)"] == {"Authorization": "Bearer theirs"}
+    assert headers[f"GET /api/v1/users/me ({FASTAPI_LABEL})"] == {"Authorization": "Bearer template"}
+    ours, theirs = (step for step in plan.steps if step.row.path == "/auth/refresh")
+    assert 'BENCH_TOKENS = {"t1,t2"}' in ours.script and not ours.warm
+    assert 'BENCH_TOKENS = {"m1"}' in theirs.script and theirs.row.peer == MAIN.label
+
+
+def test_without_peers_the_plan_is_authapps_rows_alone():
+    plan = build_plan(options(only=["/auth/me"]), BARE, APP, "someone", [])
+    assert [step.row.name for step in plan.steps] == ["bare Flask route (1)", "GET /auth/me", "bare Flask route (2)"]
+
+
+def measured(rps: float, reference: float, peer: str = "", path: str = "/auth/me") -> Row:
+    row = Row("a row", path, 4, peer=peer, reference="bare", reference_rps=reference)
+    row.result = {"requests": rps, "duration_us": 1_000_000, "p50_us": 1000, "p99_us": 2000}
+    return row
+
+
+@pytest.mark.parametrize(("ours", "theirs", "passed"), [(300.0, 100.0, True), (299.0, 100.0, False)])
+def test_auth_me_is_held_to_three_times_the_templates_users_me(ours, theirs, passed):
+    rows = [measured(ours, 1000.0), measured(theirs, 1000.0, FASTAPI_LABEL, "/api/v1/users/me")]
+    (found,) = [(text, ok) for text, ok in verdicts(rows) if "FastAPI template" in text]
+    assert found == (
+        f"/auth/me: {ours / theirs:.2f} x the FastAPI template's GET /api/v1/users/me; "
+        f"{ours / theirs:.2f} x against the bare runs beside each (target >= {PEER_TARGET:g})",
+        passed,
+    )
+
+
+def test_a_baseline_row_is_compared_with_this_trees_and_has_no_target_of_its_own():
+    rows = [measured(200.0, 1000.0), measured(100.0, 500.0, "main at abc1234")]
+    assert peer_lines(rows) == [
+        "- /auth/me: 2.00 x main at abc1234 (200.0 / 100.0 requests/s; 1.00 x against the bare runs beside each)"
+    ]
+    assert [text for text, _ in verdicts(rows) if "of bare" in text] == ["/auth/me: 0.20 of bare (target >= 0.5)"]
