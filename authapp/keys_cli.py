@@ -50,7 +50,12 @@ def generate(activate: bool) -> None:
         )
 
 
-@group.command("activate")
+# A kid is a base64url thumbprint (RFC 7638), and one in 32 begins with "-": click would
+# take it for an unknown option, so unknown options are passed on as arguments.
+KID_ARGUMENT = {"ignore_unknown_options": True}
+
+
+@group.command("activate", context_settings=KID_ARGUMENT)
 @click.argument("kid")
 def activate(kid: str) -> None:
     """Sign every new token with KID; the key that signed until now keeps verifying."""
@@ -59,7 +64,7 @@ def activate(kid: str) -> None:
     click.echo(f"activated key {info.kid} ({info.algorithm})")
 
 
-@group.command("retire")
+@group.command("retire", context_settings=KID_ARGUMENT)
 @click.argument("kid")
 @click.option("--force", is_flag=True, help="Retire even though tokens it signed are still valid (a compromised key).")
 def retire(kid: str, force: bool) -> None:

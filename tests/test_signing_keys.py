@@ -382,6 +382,15 @@ def test_every_keys_command_has_help(cli, command):
     assert result.exit_code == 0 and "Usage:" in result.output
 
 
+@pytest.mark.parametrize("command", [["activate"], ["retire"], ["retire", "--force"]])
+def test_a_kid_that_begins_with_a_dash_is_a_kid(cli, command):
+    # Thumbprints are base64url: "-" is one of their 64 letters, first letter included.
+    cli("generate", "--activate")
+    result = cli(*command, "-Xq3abcdefghijklmnopqrstuvwxyzABCDEFGHIJK")
+    assert result.exit_code == 1, result.output  # "no such key", not a usage error (2)
+    assert "-Xq3abcdefghijklmnopqrstuvwxyzABCDEFGHIJK" in result.output and "No such option" not in result.output
+
+
 def test_key_lifecycle_through_the_commands(cli, caplog):
     caplog.set_level(logging.INFO, logger="authapp.audit")
     app = cli.app
