@@ -17,8 +17,8 @@ depends_on = None
 
 
 def upgrade():
-    with op.batch_alter_table("users") as batch:
-        batch.add_column(sa.Column("email_verified_at", UTCDateTime(), nullable=True))
+    # A plain ALTER TABLE ... ADD COLUMN on SQLite too (no copy of the table, see downgrade).
+    op.add_column("users", sa.Column("email_verified_at", UTCDateTime(), nullable=True))
     op.create_table(
         "one_time_tokens",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -67,5 +67,8 @@ def downgrade():
     op.drop_table("mail_outbox")
     op.drop_index("ix_one_time_tokens_user_kind", table_name="one_time_tokens")
     op.drop_table("one_time_tokens")
-    with op.batch_alter_table("users") as batch:
-        batch.drop_column("email_verified_at")
+    # ALTER TABLE ... DROP COLUMN (SQLite has it since 3.35), never a batch copy: copying
+    # drops the old table, which with foreign keys on deletes every session and refresh
+    # token by cascade, and the copy loses the unique indexes on lower(email) and
+    # lower(username), which SQLite cannot reflect.
+    op.drop_column("users", "email_verified_at")
