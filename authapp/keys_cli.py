@@ -1,4 +1,5 @@
-"""`flask keys ...`: the signing keys of RS256, ES256 and EdDSA (docs/signing-keys.md).
+"""`flask keys ...`: the signing keys of RS256, ES256 and EdDSA, and re-sealing what is
+sealed under JWT_SECRET_KEY (docs/signing-keys.md).
 
 Each command exits 0 on success and 1 with one clear line on error.
 """
@@ -8,13 +9,14 @@ from __future__ import annotations
 import click
 from flask.cli import AppGroup
 
-from .auth import keys
+from .auth import keys, mfa
 from .clock import iso
 from .errors import AppError
 
 group = AppGroup(
     "keys",
-    help="Generate, activate, retire and list the keys that sign tokens (RS256, ES256, EdDSA).",
+    help="Generate, activate, retire and list the keys that sign tokens (RS256, ES256, EdDSA); "
+    "re-seal stored secrets under JWT_SECRET_KEY.",
 )
 
 
@@ -80,3 +82,22 @@ def list_keys() -> None:
         activated = iso(info.activated_at) if info.activated_at else "-"
         retired = iso(info.retired_at) if info.retired_at else "-"
         click.echo(f"{info.kid}\t{info.algorithm}\t{info.state}\t{iso(info.created_at)}\t{activated}\t{retired}")
+
+
+@group.command("reseal")
+def reseal() -> None:
+    """Seal every stored private key and TOTP secret again under JWT_SECRET_KEY; run it
+    before removing a secret from JWT_PREVIOUS_SECRET_KEYS."""
+    config = keys.ring().config
+    results = [
+        ("signing key(s)", _run(keys.reseal_signing_keys, config)),
+        ("TOTP secret(s)", _run(mfa.reseal_secrets, config)),
+    ]
+    for what, result in results:
+        click.echo(f"{what}: {result.resealed} re-sealed, {result.current} already under JWT_SECRET_KEY")
+    unopenable = [name for _, result in results for name in result.unopenable]
+    if unopenable:
+        raise click.ClickException(
+            f"{len(unopenable)} value(s) open with no configured secret (keep or restore the secret they were "
+            f"sealed with): {', '.join(unopenable)}"
+        )

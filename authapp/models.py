@@ -239,7 +239,9 @@ class SigningKey(Model):
 class MfaTotp(Model):
     """A user's TOTP factor: pending (`enabled_at` None) from setup until a code confirms
     it, then on. The secret is stored only sealed (authapp/auth/keys.py); `last_used_step`
-    is the time step of the last code accepted, so that no code is accepted twice."""
+    is the time step of the last code accepted, so that no code is accepted twice;
+    `setup_session_id` is the session that set a pending factor up, the only one that
+    may enable it."""
 
     __tablename__ = "mfa_totp"
 
@@ -248,6 +250,7 @@ class MfaTotp(Model):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     enabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     last_used_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    setup_session_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
 
 
 class MfaRecoveryCode(Model):

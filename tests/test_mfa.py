@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -20,7 +21,7 @@ from helpers import PASSWORD, assert_error, base_settings, bearer, http, live_se
 from sqlalchemy import select, update
 
 from authapp import clock, create_app
-from authapp.auth import links, mfa
+from authapp.auth import links, mfa, passwords
 from authapp.auth import tokens as token_service
 from authapp.database import unit_of_work
 from authapp.extensions import db
@@ -182,11 +183,60 @@ def test_enable_refuses_a_wrong_code_and_a_missing_setup(client, tokens, frozen)
     assert client.get("/auth/me", headers=bearer(access)).get_json()["mfa_enabled"] is False
 
 
+def enable_code(client, access: str, code: str):
+    return client.post("/auth/mfa/totp/enable", headers=bearer(access), json={"code": code})
+
+
+@pytest.mark.parametrize("settings", [{"LOGIN_MAX_FAILURES": "4"}])
+def test_wrong_enable_codes_count_on_the_account_lockout(client, tokens, frozen, log_lines):
+    access = tokens["access_token"]
+    secret = setup(client, access).get_json()["secret"]  # the right password: the count at 0
+    wrong = code_at(secret, frozen.now(), 7)
+    for _ in range(4):  # 1, 2, 3, 4: still the contract's 400 for a wrong code
+        assert_error(enable_code(client, access, wrong), 400, "VALIDATION_ERROR")
+    # Then the account is locked, for the right code as for a login.
+    locked = enable_code(client, access, code_at(secret, frozen.now()))
+    assert_error(locked, 429, "RATE_LIMITED")
+    assert 1 <= int(locked.headers["Retry-After"]) <= 900
+    assert_error(login(client), 429, "RATE_LIMITED")
+    assert client.get("/auth/me", headers=bearer(access)).get_json()["mfa_enabled"] is False
+    events = [line for line in log_lines() if line.get("event") == "mfa_enable_failed"]
+    assert len(events) == 4 and all(line["reason"] == "wrong_code" for line in events)
+    frozen.move(901)  # the window passes
+    again = setup(client, access).get_json()["secret"]
+    assert enable_code(client, access, code_at(again, frozen.now())).status_code == 200
+
+
+def test_only_the_session_that_set_up_the_secret_can_enable_it(client, tokens, frozen):
+    first = tokens["access_token"]
+    other = login(client).get_json()["access_token"]
+    secret = setup(client, first).get_json()["secret"]
+    # Another session (a stolen token, without the password): no pending setup for it.
+    refused = assert_error(enable_code(client, other, code_at(secret, frozen.now())), 400, "VALIDATION_ERROR")
+    assert "No TOTP setup is pending" in refused["errors"]["code"][0]
+    assert client.get("/auth/me", headers=bearer(first)).status_code == 200
+    assert client.get("/auth/me", headers=bearer(other)).get_json()["mfa_enabled"] is False
+    assert enable_code(client, first, code_at(secret, frozen.now())).status_code == 200
+    assert_error(client.get("/auth/me", headers=bearer(other)), 401, "TOKEN_REVOKED")
+
+
+def test_a_pending_setup_expires_after_ten_minutes(client, tokens, frozen):
+    access = tokens["access_token"]
+    secret = setup(client, access).get_json()["secret"]
+    frozen.move(601)
+    refused = assert_error(enable_code(client, access, code_at(secret, frozen.now())), 400, "VALIDATION_ERROR")
+    assert "expired" in refused["errors"]["code"][0]
+    # A new setup can be enabled within the ten minutes.
+    again = setup(client, access).get_json()["secret"]
+    frozen.move(590)
+    assert enable_code(client, access, code_at(again, frozen.now())).status_code == 200
+
+
 def test_enable_turns_mfa_on_raises_this_session_and_ends_every_other(app, client, tokens, frozen):
     other = login(client).get_json()
     enabled = enable_mfa(client, tokens, frozen)
     assert len(enabled.recovery_codes) == 10 and len(set(enabled.recovery_codes)) == 10
-    assert all(re.fullmatch(r"[a-z2-7]{4}(-[a-z2-7]{4}){3}", code) for code in enabled.recovery_codes)
+    assert all(re.fullmatch(r"[a-z2-7]{4}(-[a-z2-7]{4}){5}", code) for code in enabled.recovery_codes)
     me = client.get("/auth/me", headers=bearer(enabled.access))
     assert me.status_code == 200 and me.get_json()["mfa_enabled"] is True
     assert_error(client.get("/auth/me", headers=bearer(other["access_token"])), 401, "TOKEN_REVOKED")
@@ -323,14 +373,14 @@ def test_unknown_challenges_are_invalid_tokens(client, tokens, frozen, token):
     assert_error(verify(client, token, code="123456"), 401, "INVALID_TOKEN")
 
 
-@pytest.mark.parametrize("settings", [{"LOGIN_MAX_FAILURES": "4"}])
+@pytest.mark.parametrize("settings", [{"LOGIN_MAX_FAILURES": "5"}])
 def test_wrong_codes_count_on_the_account_lockout_cleared_only_after_the_second_factor(client, tokens, frozen):
-    enabled = enable_mfa(client, tokens, frozen)
+    enabled = enable_mfa(client, tokens, frozen)  # 1: the code that enabled MFA
     wrong = code_at(enabled.secret, frozen.now(), 7)
-    token = challenge(client)  # 1
-    assert_error(verify(client, token, code=wrong), 401, "INVALID_MFA_CODE")  # 2
-    token = challenge(client)  # 3: the right password does not clear the count
-    assert_error(verify(client, token, code=wrong), 401, "INVALID_MFA_CODE")  # 4
+    token = challenge(client)  # 2
+    assert_error(verify(client, token, code=wrong), 401, "INVALID_MFA_CODE")  # 3
+    token = challenge(client)  # 4: the right password does not clear the count
+    assert_error(verify(client, token, code=wrong), 401, "INVALID_MFA_CODE")  # 5
     locked = verify(client, token, code=code_at(enabled.secret, frozen.now()))
     assert_error(locked, 429, "RATE_LIMITED")
     assert 1 <= int(locked.headers["Retry-After"]) <= 900
@@ -339,7 +389,7 @@ def test_wrong_codes_count_on_the_account_lockout_cleared_only_after_the_second_
     token = challenge(client)  # 1
     assert verify(client, token, code=code_at(enabled.secret, frozen.now())).status_code == 200  # 2, then cleared
     token = challenge(client)  # 1: the count began again
-    for _ in range(3):  # 2, 3, 4
+    for _ in range(4):  # 2, 3, 4, 5
         assert_error(verify(client, token, code=wrong), 401, "INVALID_MFA_CODE")
     assert_error(verify(client, token, code=wrong), 429, "RATE_LIMITED")
 
@@ -543,6 +593,19 @@ def test_the_mfa_metrics_count_each_outcome(client, tokens, frozen):
         assert f'authapp_mfa_events_total{{outcome="{outcome}"}} {float(value)}' in text, outcome
 
 
+def test_a_failed_enable_and_a_reset_of_an_account_without_mfa_are_counted_as_what_they_are(
+    app, client, tokens, frozen
+):
+    access = tokens["access_token"]
+    secret = setup(client, access).get_json()["secret"]
+    assert_error(enable_code(client, access, code_at(secret, frozen.now(), 7)), 400, "VALIDATION_ERROR")
+    result = app.test_cli_runner().invoke(args=["users", "reset-mfa", "alice"])
+    assert result.exit_code == 0 and "MFA was not on" in result.output, result.output
+    text = client.get("/metrics").get_data(as_text=True)
+    for outcome, value in (("enable_failed", 1), ("failed", 0), ("disabled", 0)):
+        assert f'authapp_mfa_events_total{{outcome="{outcome}"}} {float(value)}' in text, outcome
+
+
 def test_a_secret_sealed_under_a_previous_jwt_secret_key_still_opens(database_url, frozen):
     old = "an-older-secret-key-that-is-long-enough-0123456789abcdefghijklmn"
     first = create_app(base_settings(DATABASE_URL=database_url, JWT_SECRET_KEY=old))
@@ -554,7 +617,57 @@ def test_a_secret_sealed_under_a_previous_jwt_secret_key_still_opens(database_ur
     rotated = create_app(base_settings(DATABASE_URL=database_url, JWT_PREVIOUS_SECRET_KEYS=old))
     client = rotated.test_client()
     assert verify(client, challenge(client), code=code_at(enabled.secret, frozen.now())).status_code == 200
-    for app in (first, rotated):
+    # Opened with the previous secret, it was sealed again under the current one: the
+    # previous secret can go.
+    without_old = create_app(base_settings(DATABASE_URL=database_url))
+    client = without_old.test_client()
+    frozen.move(3 * STEP)
+    assert verify(client, challenge(client), code=code_at(enabled.secret, frozen.now())).status_code == 200
+    for app in (first, rotated, without_old):
+        with app.app_context():
+            db.engine.dispose()
+
+
+def test_flask_keys_reseal_seals_signing_keys_and_totp_secrets_under_the_current_secret(database_url, frozen):
+    old = "an-older-secret-key-that-is-long-enough-0123456789abcdefghijklmn"
+    stray = "a-secret-nobody-configures-any-more-0123456789abcdefghijklmnopqr"
+    made = []
+
+    def make(**settings):
+        made.append(create_app(base_settings(DATABASE_URL=database_url, JWT_ALGORITHM="EdDSA", **settings)))
+        return made[-1]
+
+    first = make(JWT_SECRET_KEY=old)
+    assert first.test_cli_runner().invoke(args=["keys", "generate", "--activate"]).exit_code == 0
+    client = first.test_client()
+    response = client.post(
+        "/auth/register", json={"email": "alice@example.com", "username": "alice", "password": PASSWORD}
+    )
+    enabled = enable_mfa(client, response.get_json(), frozen)
+
+    rotated = make(JWT_PREVIOUS_SECRET_KEYS=old)
+    result = rotated.test_cli_runner().invoke(args=["keys", "reseal"])
+    assert result.exit_code == 0, result.output
+    assert "signing key(s): 1 re-sealed, 0 already under JWT_SECRET_KEY" in result.output
+    assert "TOTP secret(s): 1 re-sealed, 0 already under JWT_SECRET_KEY" in result.output
+    again = rotated.test_cli_runner().invoke(args=["keys", "reseal"])
+    assert again.exit_code == 0 and "TOTP secret(s): 0 re-sealed, 1 already" in again.output, again.output
+    assert enabled.secret not in result.output + again.output
+
+    # The old secret removed: tokens are signed and the second factor is checked.
+    without_old = make()
+    client = without_old.test_client()
+    session = verify(client, challenge(client), code=code_at(enabled.secret, frozen.now()))
+    assert session.status_code == 200, session.get_json()
+    assert client.get("/auth/me", headers=bearer(session.get_json()["access_token"])).status_code == 200
+
+    # A value no configured secret opens is named (never shown), and the command fails.
+    lost = make(JWT_SECRET_KEY=stray)
+    failed = lost.test_cli_runner().invoke(args=["keys", "reseal"])
+    assert failed.exit_code == 1
+    assert "2 value(s) open with no configured secret" in failed.output
+    assert "signing key " in failed.output and "TOTP secret of user 1" in failed.output
+    for app in made:
         with app.app_context():
             db.engine.dispose()
 
@@ -698,6 +811,112 @@ def test_enabling_while_another_session_refreshes_leaves_that_session_revoked(pg
             # Off again for the next trial (the enabling session is aal2).
             assert http("POST", f"{base}/auth/mfa/disable", {"current_password": PASSWORD}, bearer(access))[0] == 204
             frozen.move(3 * STEP)
+
+
+def _no_aal1_session_with_mfa_on(app) -> None:
+    with app.app_context():
+        on = db.session.get(MfaTotp, 1)
+        live = db.session.scalars(
+            select(AuthSession.aal).where(AuthSession.user_id == 1, AuthSession.revoked_at.is_(None))
+        ).all()
+        db.session.remove()
+    assert on is not None and on.enabled_at is not None
+    assert "aal1" not in live, live
+
+
+def _setup_then_hold(base: str, frozen: Clock, monkeypatch, target: Any, name: str) -> tuple[str, str, Callable]:
+    """Register alice, set up TOTP; make the next call of target.name wait 1.5 s once it is
+    done (the racing flow's transaction has read what it read), and answer the code and
+    an enable call that starts in that pause."""
+    status, first = post_json(
+        f"{base}/auth/register", {"email": "alice@example.com", "username": "alice", "password": PASSWORD}
+    )
+    assert status == 201
+    access = first["access_token"]
+    _, _, body = http("POST", f"{base}/auth/mfa/totp/setup", {"current_password": PASSWORD}, bearer(access))
+    code = code_at(body["secret"], frozen.now())
+    real = getattr(target, name)
+    paused = threading.Event()
+
+    def slow(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if not paused.is_set():
+            paused.set()
+            time.sleep(1.5)
+        return result
+
+    monkeypatch.setattr(target, name, slow)
+
+    def do_enable():
+        assert paused.wait(10)
+        time.sleep(0.2)
+        return http("POST", f"{base}/auth/mfa/totp/enable", {"code": code}, bearer(access))
+
+    return access, code, do_enable
+
+
+def test_a_login_racing_the_enable_gives_no_aal1_session(pg_app, frozen, monkeypatch):
+    # The login has decided (MFA off) when the enable starts: it must wait for the login's
+    # session and end it, or the login must see MFA on.
+    with live_server(pg_app) as base:
+        _, _, do_enable = _setup_then_hold(base, frozen, monkeypatch, mfa, "is_enabled")
+        logged, enabled = _in_threads(
+            lambda: post_json(f"{base}/auth/login", {"username": "alice", "password": PASSWORD}), do_enable
+        )
+        assert enabled[0] == 200, enabled
+        assert logged[0] == 200, logged
+        _no_aal1_session_with_mfa_on(pg_app)
+        if "access_token" in logged[1]:
+            status, _, body = http("GET", f"{base}/auth/me", headers=bearer(logged[1]["access_token"]))
+            assert status == 401 and body["error_code"] == "TOKEN_REVOKED", body
+
+
+def test_a_password_change_racing_the_enable_gives_no_aal1_session(pg_app, frozen, monkeypatch):
+    # The change's new hash is made (bcrypt, the wide window) when the enable commits: the
+    # change's session was ended by the enable, so it starts none.
+    with live_server(pg_app) as base:
+        access, _, do_enable = _setup_then_hold(base, frozen, monkeypatch, passwords, "hash_password")
+        status, other = post_json(f"{base}/auth/login", {"username": "alice", "password": PASSWORD})
+        assert status == 200
+        changed, enabled = _in_threads(
+            lambda: http(
+                "POST",
+                f"{base}/auth/change-password",
+                {"current_password": PASSWORD, "new_password": NEW_PASSWORD},
+                bearer(other["access_token"]),
+            ),
+            do_enable,
+        )
+        assert enabled[0] == 200, enabled
+        assert changed[0] == 401 and changed[2]["error_code"] == "TOKEN_REVOKED", changed
+        _no_aal1_session_with_mfa_on(pg_app)
+        # Nothing of the change was written: the password is the old one, the enabler lives.
+        assert http("GET", f"{base}/auth/me", headers=bearer(access))[0] == 200
+        status, body = post_json(f"{base}/auth/login", {"username": "alice", "password": PASSWORD})
+        assert status == 200 and body["mfa_required"], body
+
+
+def test_a_password_reset_racing_the_enable_gives_no_aal1_session(pg_app, frozen, monkeypatch):
+    with live_server(pg_app) as base:
+        _, _, do_enable = _setup_then_hold(base, frozen, monkeypatch, mfa, "is_enabled")
+        with pg_app.app_context():
+            token = links.issue(
+                db.session, links.PASSWORD_RESET, 1, "alice@example.com", clock.now(), timedelta(hours=1)
+            )
+            db.session.commit()
+            db.session.remove()
+        reset, enabled = _in_threads(
+            lambda: post_json(f"{base}/auth/password-reset", {"token": token, "new_password": NEW_PASSWORD}),
+            do_enable,
+        )
+        # The reset ended the enabling session first (enable: TOKEN_REVOKED), or the
+        # enable came first and the reset answers a challenge.
+        assert reset[0] == 200, reset
+        if enabled[0] == 200:
+            assert reset[1]["mfa_required"], reset
+            _no_aal1_session_with_mfa_on(pg_app)
+        else:
+            assert enabled[0] == 401 and enabled[2]["error_code"] == "TOKEN_REVOKED", enabled
 
 
 def test_deleting_a_user_erases_its_factor_and_recovery_codes(app, client, tokens, frozen):

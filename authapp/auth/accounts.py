@@ -11,9 +11,9 @@ from sqlalchemy.orm import Session
 
 from .. import audit, clock, identifiers, ratelimit, settings
 from ..database import unit_of_work
-from ..errors import AppError, InvalidCredentials, NotFound, UserAlreadyExists
+from ..errors import AppError, InvalidCredentials, MfaRequired, NotFound, TokenRevoked, UserAlreadyExists
 from ..mail import outbox
-from ..models import AuthSession, RefreshToken, User
+from ..models import AuthSession, MfaTotp, RefreshToken, User
 from . import links, mailings, passwords, sessions
 from .context import AuthContext, Client
 
@@ -174,6 +174,35 @@ def write_if_unchanged(db: Session, user_id: int, checked_hash: str, values: dic
     return result.rowcount == 1  # type: ignore[attr-defined]
 
 
+def lock_user(db: Session, user_id: int) -> None:
+    """Lock the user's row until the transaction ends (SELECT ... FOR UPDATE on PostgreSQL;
+    SQLite lets one writer at a time anyway). Every change of the MFA state takes it, and
+    so does every write that decides between a session and a challenge (after a password
+    write, which locks the row too): the MFA state they read is then the committed one."""
+    db.execute(select(User.id).where(User.id == user_id).with_for_update())
+
+
+def mfa_is_on(db: Session, user_id: int) -> bool:
+    return db.scalar(select(MfaTotp.enabled_at).where(MfaTotp.user_id == user_id)) is not None
+
+
+def _asking_session(db: Session, auth: AuthContext) -> tuple[str, tuple[str, ...]]:
+    """The level of the session that asks for a password change, re-read under the user's
+    row lock: TOKEN_REVOKED when it was ended since the request was authenticated (MFA
+    turned on, a logout, a reset), MFA_REQUIRED when MFA is on and it is not aal2."""
+    row = db.execute(
+        select(AuthSession.aal, AuthSession.amr).where(
+            AuthSession.id == auth.session_id, AuthSession.revoked_at.is_(None)
+        )
+    ).one_or_none()
+    if row is None:
+        raise TokenRevoked()
+    aal, amr = row
+    if mfa_is_on(db, auth.user_id) and aal != sessions.AAL2:
+        raise MfaRequired()
+    return aal, tuple(amr.split())
+
+
 def replace_password(
     user: Any,
     password: str,
@@ -189,7 +218,10 @@ def replace_password(
     happens only over that hash and for a still-active user: of two changes racing with
     the same current password, or a change racing a reset or a deactivation, the first one
     wins and the other gets INVALID_CREDENTIALS. An operator's change always wins. The new
-    session keeps the level of `auth`'s (an account with MFA on has aal2 sessions only).
+    session keeps the level of `auth`'s session as the transaction reads it, under the
+    user's row lock: if MFA was turned on since the request was authenticated, that
+    session was ended (TOKEN_REVOKED) or raised to aal2, so an account with MFA on gets
+    no aal1 session from here.
     """
     hashed = passwords.hash_password(password, settings.current().bcrypt_rounds)
     now = clock.now()
@@ -200,10 +232,11 @@ def replace_password(
             db.execute(update(User).where(User.id == user.id).values(**values))
         elif not write_if_unchanged(db, user.id, checked_hash, values):
             raise CredentialsChanged()
+        level = _asking_session(db, auth) if auth is not None else None
         revoked = sessions.revoke(db, sessions.PASSWORD_CHANGED, now, AuthSession.user_id == user.id)
         if client is not None:
-            if auth is not None:
-                issued = sessions.start(db, user.id, now, client, aal=auth.aal, amr=auth.amr)
+            if level is not None:
+                issued = sessions.start(db, user.id, now, client, aal=level[0], amr=level[1])
             else:
                 issued = sessions.start(db, user.id, now, client)
         # Links sent before the change (a reset, a change of address) die with the old password.

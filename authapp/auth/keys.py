@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import jwt
 from cryptography.exceptions import InvalidTag
@@ -159,15 +159,68 @@ def seal_bytes(plain: bytes, associated_data: bytes, config: dict[str, Any]) -> 
 def open_sealed(sealed: bytes, associated_data: bytes, config: dict[str, Any]) -> bytes | None:
     """What `seal_bytes` sealed, opened with the current or a previous secret; None when
     none of them opens it (or the format is unknown)."""
+    return reopen(sealed, associated_data, config)[0]
+
+
+def reopen(sealed: bytes, associated_data: bytes, config: dict[str, Any]) -> tuple[bytes | None, bytes | None]:
+    """(what `seal_bytes` sealed, or None when no configured secret opens it; the same
+    sealed again under JWT_SECRET_KEY when a previous secret opened it, else None): a
+    value re-sealed this way no longer needs the previous secret."""
     if not sealed.startswith(_SEAL_VERSION):
-        return None
+        return None, None
     nonce, ciphertext = sealed[1:13], sealed[13:]
-    for aead in _sealing_keys(config):
+    for index, aead in enumerate(_sealing_keys(config)):
         try:
-            return aead.decrypt(nonce, ciphertext, associated_data)
+            plain = aead.decrypt(nonce, ciphertext, associated_data)
         except InvalidTag:
             continue
-    return None
+        return plain, (seal_bytes(plain, associated_data, config) if index else None)
+    return None, None
+
+
+@dataclass
+class Resealed:
+    """What a re-seal did: how many values it sealed again under JWT_SECRET_KEY, how many
+    were under it already, and which (row names, never the values) no secret opens."""
+
+    resealed: int = 0
+    current: int = 0
+    unopenable: list[str] = field(default_factory=list)
+
+    def count(self, name: str, plain: bytes | None, fresh: bytes | None, written: bool) -> None:
+        if plain is None:
+            self.unopenable.append(name)
+        elif fresh is None:
+            self.current += 1
+        elif written:
+            self.resealed += 1
+
+
+def replace_sealed(column: Any, sealed: bytes, fresh: bytes, *where: Any) -> bool:
+    """Store `fresh` (a value sealed again) in `column` of the row `where` names, only if the
+    row still holds `sealed` (a change meanwhile wins); True when it was written."""
+    with unit_of_work() as db:
+        statement = update(column.class_).where(*where, column == sealed).values({column: fresh})
+        return db.execute(statement).rowcount == 1  # type: ignore[attr-defined]
+
+
+def reseal_signing_keys(config: dict[str, Any]) -> Resealed:
+    """Seal every stored private key again under JWT_SECRET_KEY (`flask keys reseal`); a
+    row changed meanwhile (retired, or re-sealed by another run) is left as it is."""
+    result = Resealed()
+    with unit_of_work() as db:
+        rows = db.execute(
+            select(SigningKey.kid, SigningKey.algorithm, SigningKey.private_key_sealed).where(
+                SigningKey.private_key_sealed.is_not(None)
+            )
+        ).all()
+    for kid, algorithm, sealed in rows:
+        plain, fresh = reopen(cast(bytes, sealed), _associated_data(kid, algorithm), config)
+        written = fresh is not None and replace_sealed(
+            SigningKey.private_key_sealed, cast(bytes, sealed), fresh, SigningKey.kid == kid
+        )
+        result.count(f"signing key {kid}", plain, fresh, written)
+    return result
 
 
 def seal(private_key: Any, kid: str, algorithm: str, config: dict[str, Any]) -> bytes:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+from sqlalchemy import update
+
 from .. import audit, clock, ratelimit, settings
 from ..database import unit_of_work
 from ..errors import EmailNotVerified, InvalidCredentials, ValidationFailed
 from ..mail import outbox
+from ..models import User
 from . import accounts, mailings, mfa, passwords, sessions
 from .accounts import count_attempt, user_query
 from .context import AuthContext, Client
@@ -45,25 +48,27 @@ def login(password: str, client: Client, email: str | None = None, username: str
         raise EmailNotVerified()
 
     now = clock.now()
-    values: dict[str, Any] = {"last_login": now}
+    values: dict[str, Any] = {}
     if passwords.needs_rehash(user.hashed_password, rounds):
         values["hashed_password"] = passwords.hash_password(password, rounds)
         values["updated_at"] = now
     challenge = None
     with unit_of_work() as db:
-        if mfa.is_enabled(db, user.id):
-            # Not logged in yet: no last_login, no session, the failed-login count kept
-            # until the second factor (auth.mfa.verify).
-            del values["last_login"]
         # Only if the hash checked above is still the stored one and the user still
         # active: a password change, reset or deactivation that committed while bcrypt
         # ran wins, and a rehash never overwrites a newer password's hash.
         # (With nothing to write, the hash over itself: the same check, the same lock.)
         unchanged = values or {"hashed_password": user.hashed_password}
         won = accounts.write_if_unchanged(db, user.id, user.hashed_password, unchanged)
-        if won and "last_login" not in values:
+        # Session or challenge is decided under the user's row lock, which enabling MFA
+        # takes too: an enable that committed first is seen here, one that comes later
+        # ends the session started here.
+        if won and mfa.is_enabled(db, user.id):
+            # Not logged in yet: no last_login, no session, the failed-login count kept
+            # until the second factor (auth.mfa.verify).
             challenge = mfa.challenge(db, user.id, values.get("hashed_password", user.hashed_password), now)
         elif won:
+            db.execute(update(User).where(User.id == user.id).values(last_login=now))
             issued = sessions.start(db, user.id, now, client)
     if not won:
         audit.record(audit.LOGIN_FAILURE, user_id=user.id, reason="credentials_changed")

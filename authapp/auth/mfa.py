@@ -57,11 +57,14 @@ DIGITS = 6
 DRIFT_STEPS = 1
 SECRET_LENGTH = 32  # base32 characters: 160 bits, RFC 4226's recommended secret size
 CHALLENGE_LIFETIME = timedelta(minutes=5)
+# How long a pending setup can be enabled, and only from the session that set it up.
+SETUP_LIFETIME = timedelta(minutes=10)
 MFA_CHALLENGE = "mfa_challenge"  # a one_time_tokens kind
 RECOVERY_CODE_COUNT = 10
-# A recovery code: 16 base32 characters (80 bits) shown in groups of four.
+# A recovery code: 24 base32 characters (120 bits, past the 112 under which ASVS 6.5.2
+# asks for a salted password hash) shown in six groups of four.
 _RECOVERY_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
-_RECOVERY_LENGTH = 16
+_RECOVERY_LENGTH = 24
 
 
 class MfaSecretUnsealable(ServiceUnavailable):
@@ -80,8 +83,14 @@ def _seal(secret: str, user_id: int) -> bytes:
     return keys.seal_bytes(secret.encode(), _associated_data(user_id), keys.ring().config)
 
 
+def _write_resealed(user_id: int, sealed: bytes, fresh: bytes) -> bool:
+    return keys.replace_sealed(MfaTotp.secret_sealed, sealed, fresh, MfaTotp.user_id == user_id)
+
+
 def _secret_of(factor: MfaTotp) -> str:
-    opened = keys.open_sealed(factor.secret_sealed, _associated_data(factor.user_id), keys.ring().config)
+    """The factor's secret; one sealed under a previous JWT_SECRET_KEY is sealed again
+    under the current one, so that the previous secret can be removed in time."""
+    opened, fresh = keys.reopen(factor.secret_sealed, _associated_data(factor.user_id), keys.ring().config)
     if opened is None:
         log.error(
             "the TOTP secret of user %s cannot be opened: it was sealed with a secret that is neither "
@@ -90,7 +99,22 @@ def _secret_of(factor: MfaTotp) -> str:
             extra={"event": "mfa_secret_unsealable", "user_id": factor.user_id},
         )
         raise MfaSecretUnsealable(headers={"Retry-After": "60"})
+    if fresh is not None and _write_resealed(factor.user_id, factor.secret_sealed, fresh):
+        factor.secret_sealed = fresh  # what enable's compare-and-set now finds
     return opened.decode()
+
+
+def reseal_secrets(config: dict[str, Any]) -> keys.Resealed:
+    """Seal every stored TOTP secret (on or pending) again under JWT_SECRET_KEY (`flask
+    keys reseal`)."""
+    result = keys.Resealed()
+    with unit_of_work() as db:
+        rows = db.execute(select(MfaTotp.user_id, MfaTotp.secret_sealed)).all()
+    for user_id, sealed in rows:
+        plain, fresh = keys.reopen(sealed, _associated_data(user_id), config)
+        written = fresh is not None and _write_resealed(user_id, sealed, fresh)
+        result.count(f"TOTP secret of user {user_id}", plain, fresh, written)
+    return result
 
 
 def matching_step(secret: str, code: str, now: datetime) -> int | None:
@@ -159,7 +183,14 @@ def setup(auth: AuthContext, current_password: str) -> dict[str, Any]:
                 if db.scalar(select(MfaTotp.enabled_at).where(MfaTotp.user_id == auth.user_id)) is not None:
                     raise MfaAlreadyEnabled()
                 db.execute(delete(MfaTotp).where(MfaTotp.user_id == auth.user_id))
-                db.add(MfaTotp(user_id=auth.user_id, secret_sealed=_seal(secret, auth.user_id), created_at=now))
+                db.add(
+                    MfaTotp(
+                        user_id=auth.user_id,
+                        secret_sealed=_seal(secret, auth.user_id),
+                        created_at=now,
+                        setup_session_id=auth.session_id,
+                    )
+                )
             break
         except IntegrityError:  # a concurrent setup inserted its own row first: replace it
             continue
@@ -174,22 +205,35 @@ def setup(auth: AuthContext, current_password: str) -> dict[str, Any]:
     return {"secret": secret, "otpauth_uri": uri, "qr_svg": svg.getvalue().decode()}
 
 
+def _no_pending_setup(reason: str) -> ValidationFailed:
+    return ValidationFailed(errors={"code": [f"No TOTP setup is pending{reason}: start one at /auth/mfa/totp/setup."]})
+
+
 def enable(auth: AuthContext, code: str) -> dict[str, Any]:
     """Confirm the pending secret with a code: MFA on, the current session aal2, every other
-    session ended; returns the recovery codes (the only time they are shown)."""
+    session ended; returns the recovery codes (the only time they are shown).
+
+    Only the session that set the secret up, within SETUP_LIFETIME of the setup, can
+    enable it, and every code tried counts on the account's lockout like a password."""
     now = clock.now()
     with unit_of_work() as db:
         factor = db.get(MfaTotp, auth.user_id)
     if factor is not None and factor.enabled_at is not None:
         raise MfaAlreadyEnabled()
-    if factor is None:
-        raise ValidationFailed(errors={"code": ["No TOTP setup is pending: start one at /auth/mfa/totp/setup."]})
+    if factor is None or factor.setup_session_id != auth.session_id:
+        raise _no_pending_setup(" in this session")
+    if factor.created_at + SETUP_LIFETIME < now:
+        raise _no_pending_setup(" (the last one expired)")
+    accounts.count_attempt(ratelimit.account_key(auth.user_id, ""), auth.user_id)
     step = matching_step(_secret_of(factor), code, now)
     if step is None:
-        audit.record(audit.MFA_CHALLENGE_FAILED, user_id=auth.user_id, sid=auth.session_id, reason="enable_wrong_code")
+        audit.record(audit.MFA_ENABLE_FAILED, user_id=auth.user_id, sid=auth.session_id, reason="wrong_code")
         raise ValidationFailed(errors={"code": ["Wrong code: enter the code the authenticator app shows now."]})
     codes = _new_recovery_codes()
     with unit_of_work() as db:
+        # First the user's row lock, which a login, a reset and a password change hold
+        # while they decide between a session and a challenge.
+        accounts.lock_user(db, auth.user_id)
         # Only the secret the code was checked against, still pending: a setup or an
         # enable that committed meanwhile wins.
         confirmed = db.execute(
@@ -198,6 +242,7 @@ def enable(auth: AuthContext, code: str) -> dict[str, Any]:
                 MfaTotp.user_id == auth.user_id,
                 MfaTotp.enabled_at.is_(None),
                 MfaTotp.secret_sealed == factor.secret_sealed,
+                MfaTotp.setup_session_id == auth.session_id,
             )
             .values(enabled_at=now, last_used_step=step)
         ).rowcount  # type: ignore[attr-defined]
@@ -246,6 +291,7 @@ def disable(auth: AuthContext, current_password: str) -> None:
     _check_password(auth, current_password, "disable")
     now = clock.now()
     with unit_of_work() as db:
+        accounts.lock_user(db, auth.user_id)
         if not _remove(db, auth.user_id):
             raise MfaNotEnabled()
         revoked = sessions.revoke(
@@ -258,9 +304,12 @@ def reset(user: User) -> tuple[bool, int]:
     """An operator turns MFA off for a user (a lost phone and lost codes) and ends every
     session of the user. Returns (MFA was on, sessions revoked)."""
     with unit_of_work() as db:
+        accounts.lock_user(db, user.id)
         was_on = bool(_remove(db, user.id))
         revoked = sessions.revoke(db, sessions.MFA_RESET, clock.now(), AuthSession.user_id == user.id)
-    audit.record(audit.MFA_DISABLED, user_id=user.id, sessions_revoked=revoked, was_on=was_on, by="operator")
+    # Only a reset that turned MFA off counts as `disabled` (audit and metrics).
+    event = audit.MFA_DISABLED if was_on else audit.MFA_RESET
+    audit.record(event, user_id=user.id, sessions_revoked=revoked, was_on=was_on, by="operator")
     return was_on, revoked
 
 
@@ -268,7 +317,9 @@ def reset(user: User) -> tuple[bool, int]:
 
 
 def is_enabled(db: Session, user_id: int) -> bool:
-    return db.scalar(select(MfaTotp.enabled_at).where(MfaTotp.user_id == user_id)) is not None
+    """Whether MFA is on; read it under the user's row lock (`accounts.lock_user`, or any
+    UPDATE of the user) to decide between a session and a challenge."""
+    return accounts.mfa_is_on(db, user_id)
 
 
 def challenge(db: Session, user_id: int, checked_hash: str, now: datetime) -> dict[str, Any]:

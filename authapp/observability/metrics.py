@@ -71,6 +71,7 @@ MFA_OUTCOMES = {
     audit.MFA_DISABLED: "disabled",
     audit.MFA_CHALLENGE_ISSUED: "challenged",
     audit.MFA_CHALLENGE_FAILED: "failed",
+    audit.MFA_ENABLE_FAILED: "enable_failed",
     audit.RECOVERY_CODE_USED: "recovery_code_used",
     audit.RECOVERY_CODES_REGENERATED: "recovery_codes_regenerated",
 }
@@ -176,7 +177,8 @@ class Metrics:
             "authapp_mfa_events",
             "Multi-factor authentication by outcome: enabled, disabled, challenged (a right "
             "password, the second factor asked for), verified (a session at aal2), failed (a "
-            "wrong, reused or late code), recovery_code_used, recovery_codes_regenerated.",
+            "wrong, reused or late code at the second step of a login), enable_failed (a wrong "
+            "code when turning MFA on), recovery_code_used, recovery_codes_regenerated.",
             ["outcome"],
             registry=registry,
         )
