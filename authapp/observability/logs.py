@@ -103,7 +103,7 @@ class RequestLineRecord(logging.LogRecord):
         created = time.time()
         self.created = created
         self.msecs = int((created - int(created)) * 1000) + 0.0
-        self.relativeCreated = (created - logging._startTime) * 1000
+        self.relativeCreated = (created - logging._startTime) * 1000  # type: ignore[attr-defined]  # as LogRecord
         if logging.logThreads:
             import threading
 
