@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import logging
 
-from flask import jsonify
-
 from . import schema_version
 from .clock import iso_now
 from .database import UPGRADE_HINT, SchemaOutdated, breaker, unit_of_work
@@ -14,6 +12,7 @@ from .errors import AppError
 from .lograte import ThrottledLog
 from .openapi import Blueprint, version
 from .schemas import HealthSchema, LivenessSchema
+from .speedups import json_response
 from .version import __version__
 
 log = ThrottledLog(logging.getLogger("authapp.health"))
@@ -57,7 +56,7 @@ def health():
 @blp.alt_response(500, response="INTERNAL_SERVER_ERROR")
 def live():
     """Liveness: the process answers; the database is not touched."""
-    return jsonify({"status": "alive", "timestamp": iso_now()})  # LivenessSchema's dump: two strings
+    return json_response({"status": "alive", "timestamp": iso_now()})  # LivenessSchema's dump: two strings
 
 
 def _check_database() -> str:

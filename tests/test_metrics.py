@@ -250,3 +250,26 @@ def test_a_scrape_served_by_another_worker_sees_the_pool_as_the_last_request_lef
     _, samples = run_multiprocess(STALE_POOL_SCRIPT, tmp_path, f"sqlite:///{sqlite_template}")
     assert value(samples, "authapp_db_pool_connections_in_use") == 0
     assert value(samples, "authapp_db_pool_connections_open") >= 1
+
+
+def test_label_children_kept_per_method_route_and_status(app, client):
+    """Metrics.series_of finds the children `labels()` gives, once per method, route and
+    status; a method outside the known ones counts as OTHER and is not kept by its name."""
+    from authapp.observability import metrics
+
+    instruments = metrics.of(app)
+    first = instruments.series_of("GET", "/auth/sessions/<session_id>", 200)
+    assert first == (
+        instruments.requests.labels("GET", "/auth/sessions/{session_id}", "200"),
+        instruments.duration.labels("GET", "/auth/sessions/{session_id}", "200"),
+    )
+    assert instruments.series_of("GET", "/auth/sessions/<session_id>", 200) is first
+    other = instruments.series_of("BREW", None, 405)
+    assert other[0] is instruments.requests.labels("OTHER", "<unmatched>", "405")
+    assert ("BREW", None, 405) not in instruments._by_request
+    before = scrape(client)
+    client.get("/health/live")
+    client.open("/health/live", method="BREW")
+    after = scrape(client)
+    assert requests_of(after, "GET", "/health/live", "200") == requests_of(before, "GET", "/health/live", "200") + 1
+    assert requests_of(after, "OTHER", "<unmatched>", "405") == requests_of(before, "OTHER", "<unmatched>", "405") + 1

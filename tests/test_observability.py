@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+import io
 import json
+import logging
 
 from helpers import PASSWORD, bearer, sid_of
 
 from authapp.extensions import db
 from authapp.models import User
+from authapp.observability import logs
+from authapp.observability.logs import make_handler
 
 
 def test_request_line_fields(client, tokens, log_lines):
@@ -116,3 +121,64 @@ def test_database_errors_do_not_log_their_parameters(app, log_lines):
     text = json.dumps(log_lines())
     assert "IntegrityError" in text and "Traceback" in text
     assert known_hash not in text and "nobody" not in text
+
+
+def _request_fields(**overrides):
+    fields = {
+        "event": "request",
+        "method": "GET",
+        "path": "/auth/me",
+        "status": 200,
+        "duration_ms": 0.42,
+        "user_id": "6b3f2f2e-0d7e-4f69-9c1e-8d3c1b2a9f10",
+        "client_addr": "127.0.0.1",
+        "request_id": "12345678-1234-4234-8234-123456789abc",
+    }
+    fields.update(overrides)
+    return fields
+
+
+def test_written_out_request_line_is_the_formatters_own():
+    """The request's line written out (logs.format_request_line) is, byte for byte, what
+    python-json-logger writes for the same record through `logger.info(extra=...)`."""
+    logger = logging.getLogger("authapp.request")
+    formatter = make_handler(io.StringIO()).formatter
+    assert formatter.request_lines_written_out
+    for fields in (_request_fields(), _request_fields(user_id=None, status=404, path="/reset/eyJa.eyJb.c")):
+        fast = logs.RequestLineRecord(logger.name, dict(fields))
+        generic = logger.makeRecord(logger.name, logging.INFO, __file__, 1, "request", (), None, extra=fields)
+        generic.created, generic.msecs = fast.created, fast.msecs
+        assert set(fast.__dict__) == set(generic.__dict__)
+        assert formatter.format(fast) == logs.RedactingJsonFormatter.format(_generic_only(formatter), generic)
+    line = json.loads(formatter.format(logs.RequestLineRecord(logger.name, _request_fields(path="/r/eyJa.eyJb.c"))))
+    assert list(line) == ["level", "logger", "message", *logs.REQUEST_LINE_FIELDS, "timestamp"]
+    assert line["path"] == "/r/[redacted token]"
+
+
+def _generic_only(formatter):
+    """The same formatter, with python-json-logger's own path for every record."""
+    clone = copy.copy(formatter)
+    clone.request_lines_written_out = False
+    return clone
+
+
+def test_request_line_through_every_handler(app, client):
+    """log_request_line goes through the logger's filters and handlers as logger.info does."""
+    stream = io.StringIO()
+    seen = []
+    plain = logging.Handler()
+    plain.emit = seen.append
+    logger = logging.getLogger("authapp")
+    logger.addHandler(handler := make_handler(stream))
+    logger.addHandler(plain)
+    try:
+        client.get("/health/live")
+        logging.getLogger("authapp.request").setLevel(logging.WARNING)
+        client.get("/health/live")
+    finally:
+        logging.getLogger("authapp.request").setLevel(logging.NOTSET)
+        logger.removeHandler(handler)
+        logger.removeHandler(plain)
+    assert len(stream.getvalue().splitlines()) == 1
+    (record,) = [r for r in seen if r.getMessage() == "request"]
+    assert record.levelname == "INFO" and record.path == "/health/live" and record.request_id

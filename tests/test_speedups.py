@@ -373,3 +373,33 @@ def test_a_new_request_id_is_what_uuid4_writes():
         parsed = uuid.UUID(made)
         assert str(parsed) == made and parsed.version == 4 and parsed.variant == uuid.RFC_4122
     assert len({new_request_id() for _ in range(1000)}) == 1000
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    body=st.dictionaries(
+        st.text(max_size=12),
+        st.none() | st.booleans() | st.integers(min_value=-(2**53), max_value=2**53) | st.text(max_size=20),
+        max_size=8,
+    )
+)
+def test_json_response_is_jsonify(body):
+    """speedups.json_response answers what flask.jsonify answers: the same JSON, keys in the
+    same order, the same status, Content-Type and Content-Length rule, one line end."""
+    import json
+
+    from flask import Flask, jsonify
+
+    from authapp.speedups import json_response
+
+    app = Flask(__name__)
+    with app.app_context():
+        ours, flasks = json_response(body), jsonify(body)
+    assert ours.status == flasks.status and ours.mimetype == flasks.mimetype
+    assert ours.headers["Content-Type"] == flasks.headers["Content-Type"]
+    assert ours.headers["Content-Length"] == str(len(ours.get_data()))
+    assert list(json.loads(ours.get_data())) == list(json.loads(flasks.get_data()))
+    assert json.loads(ours.get_data()) == json.loads(flasks.get_data())
+    assert ours.get_data().endswith(b"\n") and not ours.get_data().endswith(b"\n\n")
+    if json.dumps(body, ensure_ascii=False).isascii():
+        assert ours.get_data() == flasks.get_data()  # byte for byte when all is ASCII

@@ -7,7 +7,7 @@ from functools import wraps
 from http import HTTPStatus
 from typing import Any
 
-from flask import g, jsonify, request
+from flask import g, request
 from marshmallow import Schema
 
 from .. import ratelimit, security
@@ -36,6 +36,7 @@ from ..schemas import (
     VerifyEmailSchema,
     user_out,
 )
+from ..speedups import json_response
 from . import accounts, context, keys, mfa, recovery, sessions, verification
 from . import login as login_flow
 from . import refresh as refresh_flow
@@ -119,7 +120,7 @@ def refresh(data):
 @blp.response(200, UserSchema)
 def me(auth):
     """The user the access token belongs to."""
-    return jsonify(user_out(auth.user))  # what UserSchema would dump, without marshmallow
+    return json_response(user_out(auth.user))  # what UserSchema would dump, without marshmallow
 
 
 @blp.post("/logout")

@@ -199,6 +199,7 @@ class Metrics:
         )
         self._endpoints: dict[str, str] = {}
         self._series: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._by_request: dict[tuple[str, str | None, int], tuple[Any, Any]] = {}
         self._next_publish = 0.0
         # Keyed by pid too: a process forked after a write has files of its own.
         self._published_breaker: tuple[int, State] | None = None
@@ -207,23 +208,36 @@ class Metrics:
 
     # -- Requests -------------------------------------------------------------------------
 
-    def _endpoint_label(self) -> str:
+    def _endpoint_label(self, rule: str | None) -> str:
         """The matched route as OpenAPI writes it (/auth/sessions/{session_id}); bounded, unlike paths."""
-        rule = request.url_rule
         if rule is None:
             return UNMATCHED
-        label = self._endpoints.get(rule.rule)
+        label = self._endpoints.get(rule)
         if label is None:
-            label = self._endpoints[rule.rule] = _RULE_ARGUMENT.sub(r"{\1}", rule.rule)
+            label = self._endpoints[rule] = _RULE_ARGUMENT.sub(r"{\1}", rule)
         return label
 
-    def observe(self, response: Response) -> Response:
-        """Count the request and its duration (an after-request hook)."""
-        method = request.method if request.method in _METHODS else "OTHER"
-        key = (method, self._endpoint_label(), str(response.status_code))
+    def series_of(self, method: str, rule: str | None, status: int) -> tuple[Any, Any]:
+        """The request counter's and the duration histogram's children of one request's
+        labels, looked up (`labels()`) once per method, route and status, then kept: a
+        request of a known method, route and status finds them in one dict lookup. (Both
+        dicts are bounded: methods outside _METHODS are "OTHER" and kept under that.)"""
+        known = self._by_request.get((method, rule, status))
+        if known is not None:
+            return known
+        label_method = method if method in _METHODS else "OTHER"
+        key = (label_method, self._endpoint_label(rule), str(status))
         series = self._series.get(key)
         if series is None:
             series = self._series[key] = (self.requests.labels(*key), self.duration.labels(*key))
+        if label_method == method:
+            self._by_request[(method, rule, status)] = series
+        return series
+
+    def observe(self, response: Response) -> Response:
+        """Count the request and its duration (an after-request hook)."""
+        rule = request.url_rule
+        series = self.series_of(request.method, None if rule is None else rule.rule, response.status_code)
         series[0].inc()
         started = g.get("request_started")
         now = time.perf_counter()

@@ -9,6 +9,8 @@ import time
 
 from flask import Response, g, request
 
+from .logs import log_request_line
+
 log = logging.getLogger("authapp.request")
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -43,9 +45,9 @@ def finish(response: Response) -> Response:
     response.headers[REQUEST_ID_HEADER] = g.get("request_id", "")
     started = g.get("request_started")
     duration_ms = round((time.perf_counter() - started) * 1000, 2) if started else None
-    log.info(
-        "request",
-        extra={
+    log_request_line(
+        log,
+        {
             "event": "request",
             "method": request.method,
             "path": request.path,
@@ -53,6 +55,7 @@ def finish(response: Response) -> Response:
             "duration_ms": duration_ms,
             "user_id": auth.user_id if (auth := g.get("auth")) is not None else None,
             "client_addr": request.remote_addr,
+            "request_id": g.get("request_id"),
         },
     )
     return response
