@@ -40,6 +40,7 @@ from devtools.stack import (
     free_port,
     nginx_main_conf,
     self_signed_certificate,
+    start_logged,
     start_nginx,
 )
 
@@ -144,16 +145,7 @@ class FastAPIPeer:
                            capture_output=True)  # fmt: skip
             command = [str(self.venv / "bin" / "fastapi"), "run", "--workers", str(self.workers)]
             command += ["--host", "127.0.0.1", "--port", str(self.port), "app/main.py"]
-            with (self.workdir / "fastapi.log").open("ab") as log:
-                self.server = subprocess.Popen(
-                    command,
-                    cwd=self.backend,
-                    env=self.env(),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+            self.server = start_logged(command, self.workdir / "fastapi.log", self.backend, self.env())
             self._wait_listening()
             self.nginx = start_nginx(self._nginx_conf(), self.workdir, self.workdir, self.https_port)
         except BaseException:

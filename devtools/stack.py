@@ -210,6 +210,20 @@ def nginx_main_conf(nginx_dir: Path, log_dir: Path, workers: int, site: Path) ->
     return main
 
 
+def start_logged(command: list[str], log: Path, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    """`command` in a process group of its own, its output (both streams) appended to `log`."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 def start_nginx(main: Path, nginx_dir: Path, log_dir: Path, port: int) -> subprocess.Popen:
     """nginx from `main` (checked with -t first), in a process group of its own, once it
     listens on `port`."""
@@ -358,16 +372,8 @@ class Stack:
             "AUTHAPP_SOCKET": str(instance.socket),
             "PROMETHEUS_MULTIPROC_DIR": str(instance.metrics_dir),
         }
-        with instance.log.open("ab") as log:
-            instance.process = subprocess.Popen(
-                [find_binary("uwsgi"), "--ini", str(self.ini), *self.uwsgi_args],
-                cwd=self.workdir,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        command = [find_binary("uwsgi"), "--ini", str(self.ini), *self.uwsgi_args]
+        instance.process = start_logged(command, instance.log, self.workdir, env)
         if instance not in self.started:
             self.started.append(instance)
         return instance
@@ -414,16 +420,8 @@ class Stack:
 
     def start_courier(self) -> None:
         """deploy/authapp-courier.service's command, delivering to `mailbox`."""
-        with self.courier_log.open("ab") as log:
-            self.courier = subprocess.Popen(
-                [find_binary("flask"), "--app", "wsgi", "mail", "courier", "--poll", "0.2"],
-                cwd=self.root,
-                env=self.app_env(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        command = [find_binary("flask"), "--app", "wsgi", "mail", "courier", "--poll", "0.2"]
+        self.courier = start_logged(command, self.courier_log, self.root, self.app_env())
 
     def stop_courier(self, timeout: float = 30) -> int:
         """`systemctl stop authapp-courier`: SIGTERM; returns its exit status."""
