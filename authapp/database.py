@@ -13,7 +13,7 @@ import socket
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from functools import cache
 from typing import Any, cast
@@ -262,7 +262,15 @@ _PARAMETER = re.compile(r"(?<![:\w]):(\w+)")
 
 class PreparedRead:
     """A read statement written with `:name` parameters (SQLite's and SQLAlchemy's style),
-    run as a prepared statement on PostgreSQL and as it is on SQLite. Rows are tuples."""
+    run as a prepared statement on PostgreSQL and as it is on SQLite. Rows are tuples.
+
+    `fetch` runs it on a pooled connection's own driver: no SQLAlchemy Connection, result
+    or event per call (on a GET /auth/me that machinery cost more than the statement's
+    own round trip). What a Connection would have done for it is done here: the breaker
+    and its error mapping (`_through_breaker`), the statement timeout (prefixed, as
+    `_bound_each_transaction` does), autocommit (`_autocommit`), and on a driver error the
+    same `DBAPIError` SQLAlchemy raises, with a lost connection invalidated (`_driver_error_of`).
+    """
 
     def __init__(self, name: str, sql: str) -> None:
         self.sql = sql
@@ -274,31 +282,42 @@ class PreparedRead:
         self.execute = f"EXECUTE {self.name} (" + ", ".join(f"%({p})s" for p in self.parameters) + ")"
         self.plain = _PARAMETER.sub(lambda m: f"%({m[1]})s", sql)  # psycopg2's style
 
-    def rows(self, connection: Connection, parameters: dict[str, Any]) -> list[Any]:
-        """The statement's rows, on a connection of `autocommit_read()`."""
-        if connection.dialect.name != "postgresql":
-            return list(connection.exec_driver_sql(self.sql, parameters).fetchall())
-        if connection.engine in _unprepared_engines:
-            return list(connection.exec_driver_sql(self.plain, parameters).fetchall())
-        prepared: set[str] = connection.connection.info.setdefault(_PREPARED, set())
+    def fetch(self, engine: Engine, parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """The statement's rows, through the breaker, on a connection of `engine`'s pool
+        (the app's: `db.engine`)."""
+        with _through_breaker():
+            pooled = _checkout(engine)
+            try:
+                if engine.dialect.name != "postgresql":
+                    return _run(engine, pooled, self.sql, parameters)  # SQLite: one local file
+                with _autocommit(engine, pooled):
+                    return self._fetch_prepared(engine, pooled, parameters)
+            finally:
+                pooled.close()  # back to the pool (an invalidated one is dropped)
+
+    def _fetch_prepared(self, engine: Engine, pooled: Any, parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
+        # Its own transaction (autocommit): the timeout prefix goes on every statement.
+        prefix = _transaction_prefix.get(engine, "")
+        if engine in _unprepared_engines:
+            return _run(engine, pooled, prefix + self.plain, parameters)
+        prepared: set[str] = pooled.info.setdefault(_PREPARED, set())
         first = self.name not in prepared
+        statement = f"{prefix}{self.prepare}; {self.execute}" if first else prefix + self.execute
         try:
-            rows = connection.exec_driver_sql(f"{self.prepare}; {self.execute}" if first else self.execute, parameters)
-            result = list(rows.fetchall())
+            rows = _run(engine, pooled, statement, parameters)
         except DBAPIError as exc:
             state = sqlstate(exc)
             if state not in _PREPARED_GONE:
                 raise
-            connection.rollback()  # the next statement starts a transaction: its timeout again
             if first and state == _PREPARED_ALREADY:
                 # A PREPARE outlives the failure of the EXECUTE sent with it (a timeout):
                 # the statement of this name is there already, the same text.
                 prepared.add(self.name)
-                return self.rows(connection, parameters)
-            self._stop_preparing(connection.engine, exc)
-            return list(connection.exec_driver_sql(self.plain, parameters).fetchall())
+                return _run(engine, pooled, prefix + self.execute, parameters)
+            self._stop_preparing(engine, exc)
+            return _run(engine, pooled, prefix + self.plain, parameters)
         prepared.add(self.name)
-        return result
+        return rows
 
     @staticmethod
     def _stop_preparing(engine: Engine, exc: BaseException) -> None:
@@ -309,6 +328,72 @@ class PreparedRead:
             describe(exc),
             extra={"event": "database_prepared_statements_off", "sqlstate": sqlstate(exc)},
         )
+
+
+def _checkout(engine: Engine) -> Any:
+    """A connection of the engine's pool (its checkout events run: the idle ping), with a
+    failure to connect raised as SQLAlchemy raises it from `engine.connect()`."""
+    try:
+        return engine.raw_connection()
+    except engine.dialect.loaded_dbapi.Error as exc:
+        raise _driver_error_of(engine, None, exc, None) from exc
+
+
+@contextmanager
+def _autocommit(engine: Engine, pooled: Any) -> Iterator[None]:
+    """psycopg2's client-side autocommit for the block (see `autocommit_read`); a
+    connection that cannot be switched back (it died) is dropped from the pool."""
+    driver = pooled.driver_connection
+    try:
+        driver.autocommit = True
+    except engine.dialect.loaded_dbapi.Error as exc:  # psycopg2 knows it is closed
+        pooled.invalidate(exc)
+        raise DisconnectionError("a pooled connection was closed") from exc
+    try:
+        yield
+    finally:
+        try:
+            driver.autocommit = False
+        except engine.dialect.loaded_dbapi.Error:
+            if pooled.is_valid:  # not yet invalidated by the statement's own failure
+                pooled.invalidate()
+
+
+def _run(engine: Engine, pooled: Any, statement: str, parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """One statement on the driver's own cursor; a driver error as SQLAlchemy raises it."""
+    cursor = pooled.driver_connection.cursor()
+    try:
+        cursor.execute(statement, parameters)
+        return cursor.fetchall()
+    except engine.dialect.loaded_dbapi.Error as exc:
+        raise _driver_error_of(engine, pooled, exc, cursor) from exc
+    finally:
+        with suppress(engine.dialect.loaded_dbapi.Error):
+            cursor.close()
+
+
+def _driver_error_of(engine: Engine, pooled: Any, exc: Exception, cursor: Any) -> DBAPIError:
+    """The `DBAPIError` SQLAlchemy's Connection makes of a driver error. On a lost
+    connection, as SQLAlchemy does, that connection is invalidated and so are the others
+    of the pool opened before it (here: the pool is renewed, as after an outage), since
+    the server that held them is likely gone too."""
+    driver = None if pooled is None else pooled.driver_connection
+    disconnect = engine.dialect.is_disconnect(exc, driver, cursor)  # type: ignore[arg-type]  # a DB-API Error
+    if disconnect and pooled is not None:
+        pooled.invalidate(exc)
+        engine.dispose()
+    return cast(
+        DBAPIError,
+        DBAPIError.instance(
+            None,
+            None,
+            exc,
+            engine.dialect.loaded_dbapi.Error,
+            hide_parameters=True,
+            connection_invalidated=disconnect,
+            dialect=engine.dialect,
+        ),
+    )
 
 
 def _check_scope(conn, cursor, statement, parameters, context, executemany) -> None:
@@ -408,10 +493,12 @@ def _apply_deadlines(app: Flask) -> None:
 # transaction, in autocommit mode too), so it costs no round trip. The idle timeout is a
 # session setting, sent once per new connection.
 _TIMEOUT_PENDING = "authapp_statement_timeout_pending"
+# Each engine's prefix, for the statements sent on the driver's own cursor (PreparedRead).
+_transaction_prefix: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
 
 
 def _bound_each_transaction(engine: Engine, statement_ms: int) -> None:
-    prefix = f"SET LOCAL statement_timeout = {int(statement_ms)}; "
+    prefix = _transaction_prefix[engine] = f"SET LOCAL statement_timeout = {int(statement_ms)}; "
 
     def began(conn: Connection) -> None:
         conn.info[_TIMEOUT_PENDING] = True

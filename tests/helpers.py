@@ -102,3 +102,39 @@ def post_json(url: str, body: dict[str, Any], timeout: float = 30) -> tuple[int,
     """POST a JSON body to a live server: (status, parsed JSON body)."""
     status, _, answer = http("POST", url, body, timeout=timeout)
     return status, answer or {}
+
+
+@contextmanager
+def statements_sent(engine: Any) -> Iterator[list[str]]:
+    """Every statement the engine's connections send to the database during the block,
+    counted by the driver itself (so SQLAlchemy's statements and those sent on a driver's
+    own cursor alike): psycopg2 cursors of a recording class, SQLite's trace callback.
+    The pool is emptied before and after, so that every connection of the block records."""
+    from sqlalchemy import event
+
+    sent: list[str] = []
+
+    def checked_out(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        if engine.dialect.name == "postgresql":
+            dbapi_connection.cursor_factory = _recording_cursor(sent)
+        else:
+            dbapi_connection.set_trace_callback(sent.append)
+
+    engine.dispose()
+    event.listen(engine, "checkout", checked_out)
+    try:
+        yield sent
+    finally:
+        event.remove(engine, "checkout", checked_out)
+        engine.dispose()
+
+
+def _recording_cursor(sent: list[str]) -> type:
+    import psycopg2.extensions
+
+    class RecordingCursor(psycopg2.extensions.cursor):
+        def execute(self, query: Any, vars: Any = None) -> Any:  # noqa: A002  (psycopg2's name)
+            sent.append(query if isinstance(query, str) else str(query))
+            return super().execute(query, vars)
+
+    return RecordingCursor

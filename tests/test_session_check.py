@@ -6,8 +6,7 @@ last (a pooler in transaction mode)."""
 from __future__ import annotations
 
 import pytest
-from helpers import TEST_DATABASE_URL, assert_error, bearer, sid_of
-from sqlalchemy import event
+from helpers import TEST_DATABASE_URL, assert_error, bearer, sid_of, statements_sent
 
 from authapp import database
 from authapp.auth import context
@@ -23,8 +22,7 @@ def _orm_row(sid: str, user_id: int) -> tuple:
 
 
 def _read(sid: str, user_id: int):
-    with database.autocommit_read() as connection:
-        return context.read_session(connection, sid, user_id)
+    return context.read_session(sid, user_id)
 
 
 def test_the_row_is_the_models_own_on_either_backend(app, tokens):
@@ -59,23 +57,17 @@ def test_a_revocation_is_seen_by_the_next_request_at_once(client, tokens):
 @pytest.mark.parametrize("backend", ["postgresql"])
 @pytest.mark.skipif(not TEST_DATABASE_URL, reason="PostgreSQL skipped: TEST_DATABASE_URL not set")
 def test_prepared_once_per_connection_and_bounded_by_the_statement_timeout(app, client, tokens):
-    statements = []
     with app.app_context():
         engine = db.engine
-    engine.dispose()  # the session check starts on a new connection
-    listener = lambda _c, _cur, statement, *_: statements.append(statement)  # noqa: E731
-    event.listen(engine, "before_cursor_execute", listener)
-    try:
+    with statements_sent(engine) as statements:  # the session check starts on a new connection
         for _ in range(3):
             assert client.get("/auth/me", headers=bearer(tokens["access_token"])).status_code == 200
-    finally:
-        event.remove(engine, "before_cursor_execute", listener)
+        with app.app_context(), engine.connect() as connection:
+            names = connection.exec_driver_sql("SELECT name FROM pg_prepared_statements").scalars().all()
     checks = [s for s in statements if "authapp_session_check" in s]
     assert len(checks) == 3
     assert all(s.startswith("SET LOCAL statement_timeout = 1500; ") for s in checks)
     assert "PREPARE" in checks[0] and all("PREPARE" not in s and "EXECUTE" in s for s in checks[1:])
-    with app.app_context(), engine.connect() as connection:
-        names = connection.exec_driver_sql("SELECT name FROM pg_prepared_statements").scalars().all()
     assert names == [context._SESSION_CHECK.name]  # the pool's one connection
 
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import jwt
 import pytest
-from helpers import PASSWORD, SECRET, assert_error, bearer, live_server, post_json
+from helpers import PASSWORD, SECRET, assert_error, bearer, live_server, post_json, statements_sent
 from sqlalchemy import func, select, update
 
 from authapp.extensions import db
@@ -290,20 +290,10 @@ def test_deactivated_user_tokens_and_login(app, client, tokens):
 
 
 def test_me_costs_one_statement(app, client, tokens):
-    from sqlalchemy import event
-
-    statements: list[str] = []
-
-    def count(conn, cursor, statement, *args):
-        statements.append(statement)
-
     with app.app_context():
         engine = db.engine
-    event.listen(engine, "before_cursor_execute", count)
-    try:
+    with statements_sent(engine) as statements:
         assert me(client, tokens["access_token"]).status_code == 200
-    finally:
-        event.remove(engine, "before_cursor_execute", count)
     assert len(statements) == 1, statements
 
 

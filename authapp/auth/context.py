@@ -12,11 +12,10 @@ from collections import namedtuple
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.engine import Connection
-
 from .. import clock
-from ..database import PreparedRead, autocommit_read
+from ..database import PreparedRead
 from ..errors import InvalidToken, TokenExpired, TokenRevoked, UserInactive
+from ..extensions import db
 from ..models import Model
 from . import keys
 
@@ -94,10 +93,12 @@ def _row_of(values: Any, dialect: Any) -> Any:
     return SessionRow(*(value if c is None else c(value) for c, value in zip(converters, values, strict=True)))
 
 
-def read_session(connection: Connection, sid: str, user_id: int) -> Any:
-    """The session check's row, or None when no session `sid` of user `user_id` exists."""
-    rows = _SESSION_CHECK.rows(connection, {"sid": sid, "user_id": user_id})
-    return _row_of(rows[0], connection.dialect) if rows else None
+def read_session(sid: str, user_id: int) -> Any:
+    """The session check's row, or None when no session `sid` of user `user_id` exists
+    (through the breaker, outside any transaction)."""
+    engine = db.engine
+    rows = _SESSION_CHECK.fetch(engine, {"sid": sid, "user_id": user_id})
+    return _row_of(rows[0], engine.dialect) if rows else None
 
 
 def user_id_of(claims: dict[str, Any]) -> int:
@@ -113,8 +114,7 @@ def authenticate(claims: dict[str, Any]) -> AuthContext:
     a user id, its `sid` a string), when its session is live, read in one indexed query
     (so that a revocation takes effect at once); or the error that says why not."""
     sid, user_id = claims["sid"], int(claims["sub"])
-    with autocommit_read() as connection:
-        row = read_session(connection, sid, user_id)
+    row = read_session(sid, user_id)
     if row is None:
         raise InvalidToken()
     if not row.is_active:
