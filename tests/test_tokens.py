@@ -52,6 +52,8 @@ def test_non_bearer_scheme_is_a_missing_token(client, tokens):
         pytest.param(lambda t: forge(valid_claims(t, aud="someone-else")), id="wrong-aud"),
         pytest.param(lambda t: forge(valid_claims(t, iss="someone-else")), id="wrong-iss"),
         pytest.param(lambda t: forge(valid_claims(t), algorithm="HS512"), id="wrong-alg"),
+        # Signed by the one secret, naming another: the sole key verifies, the kid refuses.
+        pytest.param(lambda t: forge(valid_claims(t), headers={"kid": hmac_kid("x" * 40)}), id="right-key-other-kid"),
         pytest.param(lambda t: t["refresh_token"], id="refresh-as-access"),
         pytest.param(lambda t: "not.a.jwt", id="garbage"),
         pytest.param(lambda t: t["access_token"][:-4] + "AAAA", id="tampered-signature"),
@@ -154,6 +156,8 @@ def test_an_expired_token_of_the_wrong_shape_is_invalid_not_expired(client, toke
     assert_error(client.get("/auth/me", headers=bearer(forge(claims))), 401, "INVALID_TOKEN")
     wrong_typ = forge(valid_claims(tokens, exp=expired), headers={"typ": "JWT"})
     assert_error(client.get("/auth/me", headers=bearer(wrong_typ)), 401, "INVALID_TOKEN")
+    other_kid = forge(valid_claims(tokens, exp=expired), headers={"kid": hmac_kid("x" * 40)})
+    assert_error(client.get("/auth/me", headers=bearer(other_kid)), 401, "INVALID_TOKEN")
     assert_error(client.get("/auth/me", headers=bearer(forge(valid_claims(tokens, exp=expired)))), 401, "TOKEN_EXPIRED")
 
 

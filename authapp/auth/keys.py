@@ -357,6 +357,14 @@ class KeyRing:
             key = self._reload(keyset, forced=True).keys.get(kid)
         return key
 
+    def sole_hmac_key(self) -> Key | None:
+        """The one key of an HMAC key set without previous secrets: every token of this
+        deployment names it, so no header needs reading first to find it (None otherwise)."""
+        keyset = self._set
+        if self.asymmetric or keyset is None or len(keyset.keys) != 1:
+            return None
+        return keyset.signing
+
     def reset(self) -> None:
         """Forget the key set: the next use reads it again (operator commands, tests)."""
         if self.asymmetric:
@@ -461,6 +469,13 @@ def _unverified_kid(encoded: str) -> Any:
     return header.get("kid") if isinstance(header, dict) else None
 
 
+def _check_kid(header: dict[str, Any], key: Key) -> None:
+    """The token names the key that verified it (a token verified by the sole HMAC key
+    without its kid read first must name that key too)."""
+    if header.get("kid") != key.kid:
+        _refuse("no published key has this kid")
+
+
 def _decode(encoded: str, key: Key, algorithm: str, *, verify_exp: bool) -> dict[str, Any]:
     """PyJWT's decode of a token: signature, algorithm, iss, aud, times, the common claims."""
     current = settings.current()
@@ -482,19 +497,23 @@ def decode_access_token(encoded: str) -> dict[str, Any]:
     its error handlers answer through the same loaders (authapp/auth/tokens.py init_app).
     """
     keyring: KeyRing = current_app.extensions["authapp_keys"]
-    kid = _unverified_kid(encoded)
-    key = keyring.find(kid) if isinstance(kid, str) else None
-    if key is None:
-        _refuse("no published key has this kid")
+    key = keyring.sole_hmac_key()
+    if key is None:  # several keys: the header's kid names the one to verify with
+        kid = _unverified_kid(encoded)
+        key = keyring.find(kid) if isinstance(kid, str) else None
+        if key is None:
+            _refuse("no published key has this kid")
     try:
         decoded = _decode(encoded, key, keyring.algorithm, verify_exp=True)
     except jwt.ExpiredSignatureError as expired:
         # As before the signature: a token of the wrong shape is INVALID_TOKEN, even expired.
         late = _decode(encoded, key, keyring.algorithm, verify_exp=False)
+        _check_kid(late["header"], key)
         check_shape(late["header"], late["payload"], keyring.algorithm)
         expired.jwt_header, expired.jwt_data = late["header"], late["payload"]  # type: ignore[attr-defined]
         raise
     claims = decoded["payload"]
+    _check_kid(decoded["header"], key)
     check_shape(decoded["header"], claims, keyring.algorithm)
     if claims["type"] != "access":
         _refuse("not an access token")
