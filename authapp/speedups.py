@@ -40,6 +40,14 @@ it was written for) logs a warning and leaves the library's own code in place.
   `HMACAlgorithm.prepare_key`, and answers the same for it; any other key gets PyJWT's
   check. Per app.
 
+Not switched, since they run when the views are decorated (at import, before any app
+exists): `documentation_only`. flask-smorest's `doc` and `alt_response` only add to a
+view's OpenAPI description, yet each wraps the view in a function that looks up
+`current_app.ensure_sync` on every request: four such layers on GET /auth/me. The
+description they build (the `_apidoc` attribute flask-smorest reads when it writes the
+document) is kept on the view itself and the wrapper is dropped. Written for the
+flask-smorest release requirements.txt pins; under another one the wrapper stays.
+
 Not switched, since they replace no library code: `json_response`, the JSON answer of the
 hot routes encoded by orjson in one call.
 """
@@ -48,6 +56,7 @@ from __future__ import annotations
 
 import binascii
 import functools
+import importlib.metadata
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -237,6 +246,31 @@ def remember_hmac_keys(app: Flask) -> bool:
         if type(verifier.Algorithm) is HMACAlgorithm:
             verifier.Algorithm = RememberingHMAC(verifier.Algorithm.hash_alg)
     return True
+
+
+# -- documentation_only ------------------------------------------------------------------
+
+SMOREST_WRITTEN_FOR = "0.47.0"
+
+
+@functools.cache
+def _smorest_version() -> str:
+    return importlib.metadata.version("flask-smorest")
+
+
+def documentation_only(decorator: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """flask-smorest's documentation decorator `decorator`, with the description it adds
+    kept on the view and its per-request wrapper left out (the same OpenAPI document:
+    tests/test_speedups.py compares them)."""
+    if _smorest_version() != SMOREST_WRITTEN_FOR:
+        return decorator
+
+    def decorate(view: Any) -> Any:
+        wrapper = decorator(view)
+        view._apidoc = wrapper._apidoc  # a copy of the view's, with this decorator's part added
+        return view
+
+    return decorate
 
 
 # -- json_response -----------------------------------------------------------------------

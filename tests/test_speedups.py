@@ -403,3 +403,52 @@ def test_json_response_is_jsonify(body):
     assert ours.get_data().endswith(b"\n") and not ours.get_data().endswith(b"\n\n")
     if json.dumps(body, ensure_ascii=False).isascii():
         assert ours.get_data() == flasks.get_data()  # byte for byte when all is ASCII
+
+
+# -- documentation_only -------------------------------------------------------------------
+
+_OPENAPI_OF_ANOTHER_SMOREST = """
+import sys
+from authapp import speedups
+speedups._smorest_version = lambda: "0.0"  # as under another release: smorest's wrappers stay
+from authapp import create_app
+from authapp.auth import routes
+app = create_app({"DATABASE_URL": sys.argv[1], "JWT_SECRET_KEY": "k" * 64})
+view = lambda: None  # noqa: E731
+assert routes.errors(401)(view) is not view  # flask-smorest's own wrappers
+sys.stdout.write(app.test_client().get("/openapi.json").get_data(as_text=True))
+"""
+
+
+def test_documentation_only_writes_the_same_openapi_document(tmp_path):
+    """The whole document, byte for byte, with flask-smorest's own wrappers (another
+    release, in a process of its own: views are decorated at import) and without them."""
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path}/docs.db"
+    command = [sys.executable, "-c", _OPENAPI_OF_ANOTHER_SMOREST, url]
+    theirs = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+    ours = create_app(base_settings(DATABASE_URL=url)).test_client().get("/openapi.json").get_data(as_text=True)
+    assert '"/auth/me"' in ours and ours == theirs
+
+
+def test_documentation_only_leaves_no_wrapper_and_the_same_description():
+    from authapp.openapi import Blueprint
+
+    blp = Blueprint("sample", __name__)
+
+    def view():
+        return "ok"
+
+    documented = blp.alt_response(401, response="UNAUTHORIZED")(blp.doc(security=[{"bearerAuth": []}])(view))
+    assert documented is view
+    import flask_smorest
+
+    plain = flask_smorest.Blueprint("plain", __name__)
+
+    def other():
+        return "ok"
+
+    wrapped = plain.alt_response(401, response="UNAUTHORIZED")(plain.doc(security=[{"bearerAuth": []}])(other))
+    assert wrapped is not other and wrapped._apidoc == view._apidoc
