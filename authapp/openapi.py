@@ -72,7 +72,7 @@ class Blueprint(flask_smorest.Blueprint):
 
     ARGUMENTS_PARSER = JSONBodyParser()
 
-    def doc(self, **kwargs: Any) -> Any:  # type: ignore[override]
+    def doc(self, **kwargs: Any) -> Any:
         return speedups.documentation_only(super().doc(**kwargs))
 
     def alt_response(self, *args: Any, **kwargs: Any) -> Any:
