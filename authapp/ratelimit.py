@@ -117,9 +117,14 @@ def count_attempt(key: str) -> None:
         raise RateLimited("Too many failed logins; try again later", headers={"Retry-After": retry_after})
 
 
-def clear_failures(key: str) -> None:
-    with unit_of_work() as db:
+def clear_failures(key: str, db: Session | None = None) -> None:
+    """Forget the account's counted attempts: in `db`'s transaction (a login's own, which
+    then costs no transaction more), or in one of its own."""
+    if db is not None:
         db.execute(delete(LoginAttempt).where(LoginAttempt.key == key))
+        return
+    with unit_of_work() as own:
+        clear_failures(key, own)
 
 
 def prune_attempts() -> int:

@@ -70,13 +70,13 @@ def login(password: str, client: Client, email: str | None = None, username: str
         elif won:
             db.execute(update(User).where(User.id == user.id).values(last_login=now))
             issued = sessions.start(db, user.id, now, client)
+            ratelimit.clear_failures(account, db)  # with the session: one commit for both
     if not won:
         audit.record(audit.LOGIN_FAILURE, user_id=user.id, reason="credentials_changed")
         raise InvalidCredentials()
     if challenge is not None:
         audit.record(audit.MFA_CHALLENGE_ISSUED, user_id=user.id, by="login")
         return challenge
-    ratelimit.clear_failures(account)
     user.last_login = now
     audit.record(audit.LOGIN_SUCCESS, user_id=user.id, sid=issued.session.id)
     issued.record_ended()
