@@ -7,7 +7,7 @@ import argparse
 
 import pytest
 
-from bench.bench import FASTAPI_LABEL, PEER_TARGET, Row, Server, build_plan, peer_lines, verdicts
+from bench.bench import BASELINE_TARGETS, FASTAPI_LABEL, PEER_TARGET, Row, Server, build_plan, peer_lines, verdicts
 
 BARE = Server("https://127.0.0.1:1", None)
 APP = Server("https://127.0.0.1:2", None, access="ours", refresh_tokens=["t1", "t2"])
@@ -73,8 +73,29 @@ def test_auth_me_is_held_to_three_times_the_templates_users_me(ours, theirs, pas
 
 
 def test_a_baseline_row_is_compared_with_this_trees_and_has_no_target_of_its_own():
-    rows = [measured(200.0, 1000.0), measured(100.0, 500.0, "main at abc1234")]
+    rows = [measured(200.0, 1000.0, path="/health/live"), measured(100.0, 500.0, "main at abc1234", "/health/live")]
     assert peer_lines(rows) == [
-        "- /auth/me: 2.00 x main at abc1234 (200.0 / 100.0 requests/s; 1.00 x against the bare runs beside each)"
+        "- /health/live: 2.00 x main at abc1234 (200.0 / 100.0 requests/s; 1.00 x against the bare runs beside each)"
     ]
-    assert [text for text, _ in verdicts(rows) if "of bare" in text] == ["/auth/me: 0.20 of bare (target >= 0.5)"]
+    assert [text for text, _ in verdicts(rows) if "of bare" in text] == ["/health/live: 0.20 of bare (target >= 0.85)"]
+
+
+@pytest.mark.parametrize(
+    ("path", "ours", "passed"),
+    [
+        ("/auth/me", 180.0, True),
+        ("/auth/me", 179.0, False),
+        ("/auth/refresh", 200.0, True),
+        ("/auth/refresh", 199.0, False),
+    ],
+)
+def test_auth_me_and_refresh_are_held_to_the_baseline(path, ours, passed):
+    rows = [measured(ours, 1000.0, path=path), measured(100.0, 1000.0, "main at abc1234", path)]
+    target = BASELINE_TARGETS[path]
+    (found,) = [(text, ok) for text, ok in verdicts(rows) if "main at abc1234" in text]
+    ratio = f"{ours / 100.0:.2f}"
+    assert found == (
+        f"{path}: {ratio} x main at abc1234; {ratio} x against the bare runs beside each (target >= {target:g})",
+        passed,
+    )
+    assert peer_lines(rows) == []  # the verdict says it
