@@ -15,12 +15,13 @@ it was written for) logs a warning and leaves the library's own code in place.
   line of every record; our JSON lines show none of them
   (https://docs.python.org/3/howto/logging.html#optimization). Process-wide.
 - `pyjwt_segments`: PyJWT 2.15 refuses a segment holding a byte outside the base64url
-  alphabet (GHSA-hxm8-2xgr-2p9m) by testing each byte in a Python generator;
-  flask-jwt-extended reads every access token twice and its header twice, so on a
-  protected request that check alone cost more than the token's HMAC and claims together
-  (cProfile: 2.9 million generator steps for 2,000 GET /auth/me). Here the same check is
-  one `bytes.translate` call, which deletes the alphabet's bytes and leaves whatever else
-  the segment holds; the rest of PyJWT's function is unchanged. It replaces a private
+  alphabet (GHSA-hxm8-2xgr-2p9m) by testing each byte in a Python generator, and one
+  that is not canonical by encoding it again, both through Python helpers: three
+  segments of every token (cProfile, when flask-jwt-extended still read each access
+  token twice: 2.9 million generator steps for 2,000 GET /auth/me). Here the alphabet
+  test is one `bytes.translate` call, which deletes the alphabet's bytes and leaves
+  whatever else the segment holds, and the decode and the encode again are one
+  `binascii` call each; the rest of PyJWT's function is unchanged. It replaces a private
   method, so it installs only over the PyJWT release it was written from (requirements.txt
   pins it). Process-wide.
 - `limiter_hooks`: Flask-Limiter checks every request in a before-request hook, for its
@@ -66,7 +67,7 @@ import orjson
 from flask import Flask, Response, current_app
 from jwt.algorithms import HMACAlgorithm
 from jwt.exceptions import DecodeError
-from jwt.utils import base64url_decode, base64url_encode, force_bytes
+from jwt.utils import force_bytes
 
 log = logging.getLogger("authapp.speedups")
 
@@ -114,6 +115,8 @@ def lean_log_records(on: bool = True) -> bool:
 WRITTEN_FOR = "2.15.1"
 # PyJWT 2.15.1's jwt.api_jws._BASE64URL_ALPHABET (tests/test_speedups.py compares them).
 BASE64URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_URLSAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+_PADDING = (b"", b"", b"==", b"=")  # by the length of the unpadded text, modulo 4
 # PyJWT's own function, once `pyjwt_segments()` has replaced it.
 original: Callable[[bytes, str], bytes] | None = None
 
@@ -136,12 +139,15 @@ def decode_base64url_segment(segment: bytes, name: str) -> bytes:
     if len(stripped) % 4 == 1 or stripped.translate(None, BASE64URL_ALPHABET):
         raise DecodeError(f"Invalid {name} padding")
 
+    # base64url_decode and base64url_encode in one C call each: the standard alphabet's
+    # text of the segment, padded, decoded, and encoded again (a canonical segment only).
+    standard = stripped.translate(_URLSAFE_TO_STANDARD) + _PADDING[len(stripped) % 4]
     try:
-        decoded = base64url_decode(stripped)
-    except (TypeError, binascii.Error) as err:
+        decoded = binascii.a2b_base64(standard)
+    except binascii.Error as err:
         raise DecodeError(f"Invalid {name} padding") from err
 
-    if base64url_encode(decoded) != stripped:
+    if binascii.b2a_base64(decoded, newline=False) != standard:
         raise DecodeError(f"Invalid {name} padding")
 
     return decoded
