@@ -81,16 +81,22 @@ PUBLIC_USER_COLUMNS = tuple(name for table, name, _field in _SELECTED if table =
 SessionRow: Any = namedtuple("SessionRow", [field for _table, _column, field in _SELECTED])  # type: ignore[misc]
 _SESSION_CHECK = PreparedRead("authapp_session_check", SESSION_CHECK_SQL)
 _COLUMN_TYPES = [Model.metadata.tables[table].c[name].type for table, name, _field in _SELECTED]
-_converters: dict[str, list[Any]] = {}
+_converters: dict[str, list[tuple[int, Any]]] = {}
 
 
 def _row_of(values: Any, dialect: Any) -> Any:
-    """A row as the models' column types give it (UTC datetimes on both backends)."""
+    """A row as the models' column types give it (UTC datetimes on both backends): each
+    value that is not NULL through its column's result processor, where it has one."""
     converters = _converters.get(dialect.name)
     if converters is None:
         processors = [t.dialect_impl(dialect).result_processor(dialect, None) for t in _COLUMN_TYPES]
-        converters = _converters[dialect.name] = processors
-    return SessionRow(*(value if c is None else c(value) for c, value in zip(converters, values, strict=True)))
+        converters = _converters[dialect.name] = [(i, c) for i, c in enumerate(processors) if c is not None]
+    row = list(values)
+    for index, convert in converters:
+        value = row[index]
+        if value is not None:
+            row[index] = convert(value)
+    return SessionRow._make(row)
 
 
 def read_session(sid: str, user_id: int) -> Any:
