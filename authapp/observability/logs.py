@@ -23,7 +23,8 @@ class RequestContextFilter(logging.Filter):
             return True
         in_request = has_request_context()
         if not hasattr(record, "request_id"):
-            record.request_id = g.get("request_id") if in_request else None
+            # requests.RequestGlobals has it; another app's `g` (a library's own logger) may not
+            record.request_id = getattr(g, "request_id", None) if in_request else None
         if in_request and not hasattr(record, "client_addr"):
             record.client_addr = request.remote_addr
         return True
