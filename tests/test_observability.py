@@ -182,3 +182,20 @@ def test_request_line_through_every_handler(app, client):
     assert len(stream.getvalue().splitlines()) == 1
     (record,) = [r for r in seen if r.getMessage() == "request"]
     assert record.levelname == "INFO" and record.path == "/health/live" and record.request_id
+
+
+def test_the_stderr_handler_writes_one_line_to_the_current_stderr(monkeypatch):
+    """logs.configure's handler writes each record as one line to whatever sys.stderr is
+    when the record comes, and a stream that fails goes to Handler.handleError."""
+    handler = logs.make_handler(None)
+    record = logs.RequestLineRecord("authapp.request", _request_fields())
+    stream = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stream)
+    handler.handle(record)
+    (line,) = stream.getvalue().splitlines()
+    assert json.loads(line)["request_id"] == _request_fields()["request_id"]
+    failed = []
+    monkeypatch.setattr(handler, "handleError", failed.append)
+    monkeypatch.setattr("sys.stderr", None)
+    handler.handle(record)
+    assert failed == [record]
