@@ -11,7 +11,7 @@ from flask import Flask
 
 from config import build_flask_config, load_settings
 
-from . import cli, database, errors, health, mail, openapi, ratelimit, security, settings, speedups, startup
+from . import cli, database, errors, health, mail, openapi, ratelimit, settings, speedups, startup
 from .auth import jwks, keys, routes, tokens
 from .extensions import cors, db, jwt, migrate
 from .observability import logs, metrics, requests
@@ -29,9 +29,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     register_extensions(app)
     register_blueprints(app)
     register_error_handlers(app)
-    register_hooks(app)
     register_commands(app)
-    security.init_app(app)
+    register_middleware(app)
     speedups.install(app, app.config["SPEEDUPS"])
     startup.init_app(app)
     return app
@@ -84,19 +83,16 @@ def register_error_handlers(app: Flask) -> None:
     errors.init_app(app)
 
 
-def register_hooks(app: Flask) -> None:
-    """Every request hook of the app, in the order it runs.
+def register_middleware(app: Flask) -> None:
+    """The WSGI middleware around the app, outermost last.
 
-    The before-request hooks go in front of those the extensions registered (Flask-Limiter
-    checks its limits in one): a request refused there still gets its request id and its
-    log line. Flask runs after-request hooks in the reverse order of registration. The
-    security headers are added to every answer around the app (`security.init_app`).
+    The request observer (request id, security headers, metrics, the request's log line)
+    wraps everything, the body reader (`bodies.ChunkedBodies`, installed with the
+    blueprints) included: a request refused anywhere inside still has its id, its headers
+    and its line. It replaces the request hooks these were: the app registers none of its
+    own (Flask-Limiter's, and Flask-CORS's, are the extensions' own).
     """
-    before = [requests.start, database.begin_request]
-    after = [metrics.of(app).observe, requests.finish]
-    app.before_request_funcs.setdefault(None, [])[:0] = before
-    for hook in reversed(after):
-        app.after_request(hook)
+    requests.init_app(app)
 
 
 def register_commands(app: Flask) -> None:

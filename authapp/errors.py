@@ -148,7 +148,7 @@ def error_response(
         "detail": detail,
         "error_code": code,
         "timestamp": iso_now(),
-        "request_id": g.get("request_id", ""),
+        "request_id": g.request_id or "",  # observability.requests.RequestGlobals
     }
     if errors is not None:
         body["errors"] = errors

@@ -4,10 +4,8 @@ the documentation pages work with nothing but their own assets."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
-from typing import Any
 
-from flask import Flask, request
+from flask import request
 from flask_jwt_extended.exceptions import InvalidHeaderError, NoAuthorizationError
 
 # JSON answers are never rendered as documents: nothing may load, frame or submit.
@@ -40,31 +38,13 @@ _DOCS_HEADERS = [*COMMON_HEADERS.items(), ("Content-Security-Policy", DOCS_POLIC
 
 
 def headers_for(path: str) -> list[tuple[str, str]]:
-    """The security headers of an answer to `path` (Flask's request.path), built once."""
+    """The security headers of an answer to `path` (Flask's request.path), built once:
+    appended to every answer's header list as the prebuilt pairs they are (nothing else in
+    the app sets them) by observability.requests.RequestObserver, instead of through
+    werkzeug's Headers, which checks each name and value on every request."""
     if path in DOCS_PAGES:
         return _DOCS_HEADERS
     return _AUTH_HEADERS if path.startswith("/auth/") else _API_HEADERS
-
-
-class SecurityHeaders:
-    """WSGI middleware: the security headers appended to every answer's header list as
-    the prebuilt pairs they are (nothing else in the app sets them), instead of through
-    werkzeug's Headers, which checks each name and value on every request."""
-
-    def __init__(self, wsgi_app: Any) -> None:
-        self.wsgi_app = wsgi_app
-
-    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
-        extra = headers_for("/" + environ.get("PATH_INFO", "").lstrip("/"))  # as werkzeug makes request.path
-
-        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-            return start_response(status, [*headers, *extra], exc_info)
-
-        return self.wsgi_app(environ, start)
-
-
-def init_app(app: Flask) -> None:
-    app.wsgi_app = SecurityHeaders(app.wsgi_app)  # type: ignore[method-assign]
 
 
 # RFC 9110 11.1: the scheme name is case-insensitive; flask-jwt-extended compares it with

@@ -182,3 +182,45 @@ def test_request_line_through_every_handler(app, client):
     assert len(stream.getvalue().splitlines()) == 1
     (record,) = [r for r in seen if r.getMessage() == "request"]
     assert record.levelname == "INFO" and record.path == "/health/live" and record.request_id
+
+
+def test_the_stderr_handler_writes_one_line_to_the_current_stderr(monkeypatch):
+    """logs.configure's handler writes each record as one line to whatever sys.stderr is
+    when the record comes, and a stream that fails goes to Handler.handleError."""
+    handler = logs.make_handler(None)
+    record = logs.RequestLineRecord("authapp.request", _request_fields())
+    stream = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stream)
+    handler.handle(record)
+    (line,) = stream.getvalue().splitlines()
+    assert json.loads(line)["request_id"] == _request_fields()["request_id"]
+    failed = []
+    monkeypatch.setattr(handler, "handleError", failed.append)
+    monkeypatch.setattr("sys.stderr", None)
+    handler.handle(record)
+    assert failed == [record]
+
+
+SECRET_SAMPLES = [
+    "$2b$12$" + "a" * 53,
+    "eyJhbGciOi.eyJzdWIiOi.c2lnbmF0dXJl",
+    "Failing row contains (1, alice, $2b$12$x)",
+    "Key (email)=(alice@example.com)",
+]
+
+
+def test_a_request_line_is_redacted_as_any_line(app):
+    """A secret in any field a caller sends (method, path, client address) is redacted
+    from the request's line written out as from the formatter's generic line."""
+    logger = logging.getLogger("authapp.request")
+    formatter = make_handler(io.StringIO()).formatter
+    for secret in SECRET_SAMPLES:
+        for name, value in (("path", f"/r/{secret}/x"), ("method", secret.upper()), ("client_addr", secret)):
+            fields = _request_fields(**{name: value})
+            fast = logs.RequestLineRecord(logger.name, dict(fields))
+            generic = logger.makeRecord(logger.name, logging.INFO, __file__, 1, "request", (), None, extra=fields)
+            generic.created, generic.msecs = fast.created, fast.msecs
+            written = formatter.format(fast)
+            assert written == logs.RedactingJsonFormatter.format(_generic_only(formatter), generic)
+            if name == "path":
+                assert secret not in written and "redacted" in written

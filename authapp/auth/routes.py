@@ -12,6 +12,7 @@ from marshmallow import Schema
 
 from .. import ratelimit, security
 from ..extensions import limiter
+from ..observability import requests
 from ..openapi import BEARER, Blueprint
 from ..schemas import (
     AcceptedSchema,
@@ -79,6 +80,7 @@ def authenticated(view: Callable) -> Callable:
     def check_token(*args: Any, **kwargs: Any) -> Any:
         claims = keys.decode_access_token(security.bearer_token())
         auth = g.auth = context.authenticate(claims)
+        request.environ[requests.USER_ID_KEY] = auth.user_id  # the request's log line takes it there
         return view(*args, auth=auth, **kwargs)
 
     return check_token

@@ -18,7 +18,7 @@ import re
 import time
 from typing import Any
 
-from flask import Flask, Response, current_app, g, request
+from flask import Flask, Response, current_app, request
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -124,7 +124,7 @@ class Metrics:
         )
         self.duration = Histogram(
             "authapp_http_request_duration_seconds",
-            "Time from the first request hook to the last, by method, endpoint and status.",
+            "Time from the request reaching the app to its answer starting, by method, endpoint and status.",
             ["method", "endpoint", "status"],
             buckets=BUCKETS,
             registry=registry,
@@ -234,15 +234,16 @@ class Metrics:
             self._by_request[(method, rule, status)] = series
         return series
 
-    def observe(self, response: Response) -> Response:
-        """Count the request and its duration (an after-request hook)."""
-        rule = request.url_rule
-        series = self.series_of(request.method, None if rule is None else rule.rule, response.status_code)
+    def observe(self, method: str, rule: str | None, status: int, seconds: float, *, in_app: bool = True) -> None:
+        """Count one answered request and its duration (requests.RequestObserver calls it);
+        now and then, inside the app's contexts (`in_app`), write the breaker state and the
+        pool usage."""
+        series = self.series_of(method, rule, status)
         series[0].inc()
-        started = g.get("request_started")
+        series[1].observe(seconds)
+        if not in_app:  # the pool is the app's, out of reach here: the next request writes it
+            return
         now = time.perf_counter()
-        if started is not None:
-            series[1].observe(now - started)
         if now >= self._next_publish:
             self._next_publish = now + PUBLISH_INTERVAL_SECONDS
             self.publish_breaker_state()
@@ -251,7 +252,6 @@ class Metrics:
             # Its connection is back in the pool: so the last request of a burst always
             # leaves the figures of an idle pool, not those of the burst.
             self.publish_pool_usage()
-        return response
 
     def count_audit_event(self, event_name: str, fields: dict[str, Any]) -> None:
         self.auth_events.labels(event_name, fields.get("reason") or "").inc()
