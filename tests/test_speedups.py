@@ -307,6 +307,19 @@ def test_the_prebuilt_token_response_serializer_has_every_field_of_the_schema(cl
     assert documented == {"$ref": "#/components/schemas/TokenResponse"}
 
 
+def test_a_body_schema_is_made_once_not_for_each_request(client, tokens, monkeypatch):
+    from marshmallow import Schema
+
+    made = []
+    init = Schema.__init__
+    monkeypatch.setattr(Schema, "__init__", lambda self, *a, **k: made.append(type(self)) or init(self, *a, **k))
+    for _ in range(2):
+        refreshed = client.post("/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+        assert refreshed.status_code == 200
+        tokens = refreshed.get_json()
+    assert made == []
+
+
 def test_the_liveness_body_is_the_schemas(client):
     from authapp.schemas import LivenessSchema
 

@@ -61,7 +61,9 @@ def json_body(schema: type[Schema], *, required: bool = True) -> Callable:
     """Parse and document a JSON body, with its 400, 413 and 415 answers."""
 
     def decorate(view: Callable) -> Callable:
-        return errors(413, 415)(blp.arguments(schema, required=required)(view))
+        # An instance, made once: given the class, webargs makes one for every request
+        # (marshmallow 4 keeps no state of a load on the schema).
+        return errors(413, 415)(blp.arguments(schema(), required=required)(view))
 
     return decorate
 
