@@ -10,11 +10,10 @@ from datetime import datetime
 from functools import cache
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import Executable, Select, bindparam, insert, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Executable, Select, bindparam, insert, select, update
 
 from .. import audit, clock, settings
-from ..database import unit_of_work
+from ..database import core_unit_of_work
 from ..errors import InvalidToken, TokenExpired, TokenRevoked, UserInactive
 from ..models import AuthSession, MfaTotp, RefreshToken, User
 from . import sessions, tokens
@@ -73,7 +72,7 @@ def refresh(refresh_token: str) -> dict[str, Any]:
     if not isinstance(jti, str):
         raise InvalidToken()
     now = clock.now()
-    with unit_of_work() as db:
+    with core_unit_of_work() as db:
         token, auth_session, user = _live_token(db, jti, sid, user_id_of(claims), now)
         issued = None
         if token is not None:
@@ -89,11 +88,12 @@ def refresh(refresh_token: str) -> dict[str, Any]:
     return issued.pair(user)
 
 
-def _live_token(db: Session, jti: str, sid: str, user_id: int, now: datetime) -> tuple[_Token | None, _Session, Any]:
+def _live_token(
+    connection: Connection, jti: str, sid: str, user_id: int, now: datetime
+) -> tuple[_Token | None, _Session, Any]:
     """The token's row (None when it was pruned) with its session and user, or the error
     that says why it is dead."""
     statements = _statements()
-    connection = db.connection()
     row = connection.execute(statements.token, {"token_hash": tokens.jti_hash(jti)}).first()
     token: _Token | None = None
     if row is not None:
@@ -116,7 +116,7 @@ def _live_token(db: Session, jti: str, sid: str, user_id: int, now: datetime) ->
     return token, auth_session, user
 
 
-def _rotate(db: Session, token: _Token, auth_session: _Session, jti: str, now: datetime) -> tuple[Any, _Token]:
+def _rotate(db: Connection, token: _Token, auth_session: _Session, jti: str, now: datetime) -> tuple[Any, _Token]:
     """Retire an unused token and add its successor: (the successor's Issued, or None when
     the token was retired already; the token, with `used_at` telling when if so)."""
     if token.used_at is None:
@@ -125,20 +125,21 @@ def _rotate(db: Session, token: _Token, auth_session: _Session, jti: str, now: d
         expires = min(now + settings.current().refresh_token_lifetime, auth_session.expires_at)
         child = _retire(db, token, auth_session.id, tokens.jti_hash(child_jti), expires, now)
         if child is not None:
-            return sessions.Issued(auth_session, child, child_jti), token  # type: ignore[arg-type]
+            return sessions.Issued(auth_session, child, child_jti), token  # type: ignore[arg-type]  # its row
         # A concurrent refresh of the same token retired it first.
         token = token._replace(used_at=db.scalar(select(RefreshToken.used_at).where(RefreshToken.id == token.id)))
     return None, token
 
 
-def _retire(db: Session, token: _Token, sid: str, child_hash: str, child_expires: datetime, now: datetime) -> Any:
+def _retire(
+    connection: Connection, token: _Token, sid: str, child_hash: str, child_expires: datetime, now: datetime
+) -> Any:
     """Retire `token` if it is still unused (`used_at IS NULL`: of two concurrent refreshes
     only one retires it), store its successor (`parent_id` is unique besides) and mark the
     session used; the successor (a `_Child`), or None when the token was retired already.
 
     On PostgreSQL that is one statement (`_Statements.rotate`), so one round trip instead
     of three; elsewhere (SQLite) three. Core statements, not the ORM's."""
-    connection = db.connection()
     values = {"token_id": token.id, "now": now, "child_hash": child_hash, "child_expires": child_expires}
     statements = _statements()
     if connection.dialect.name == "postgresql":
@@ -163,6 +164,8 @@ class _Statements:
     # `_User` columns, in one row.
     token: Select[Any]
     session: Select[Any]  # sid: the `_Session` and `_User` columns of a session without its token
+    # A token's columns (`_Child`'s and used_at), to be filtered by its jti's hash.
+    child: Select[int, str, str, datetime, datetime, datetime | None]
     retire: Executable  # token_id, now: the token retired if it is still unused
     touch: Executable  # sid, now: the session's last use
     insert: Executable  # the child: sid, child_hash, token_id (its parent), now, child_expires
@@ -204,6 +207,14 @@ def _statements() -> _Statements:
         .select_from(RefreshToken.__table__.join(users, RefreshToken.session_id == AuthSession.id))
         .where(RefreshToken.jti_hash == bindparam("token_hash")),
         session=select(*session_and_user).select_from(users).where(AuthSession.id == bindparam("sid")),
+        child=select(
+            RefreshToken.id,
+            RefreshToken.session_id,
+            RefreshToken.jti_hash,
+            RefreshToken.issued_at,
+            RefreshToken.expires_at,
+            RefreshToken.used_at,
+        ),
         retire=retire,
         touch=touch.where(AuthSession.id == bindparam("sid")),
         insert=insert(RefreshToken)
@@ -213,7 +224,9 @@ def _statements() -> _Statements:
     )
 
 
-def _replayed(db: Session, token: _Token | None, auth_session: Any, jti: str, now: datetime) -> sessions.Issued | None:
+def _replayed(
+    db: Connection, token: _Token | None, auth_session: Any, jti: str, now: datetime
+) -> sessions.Issued | None:
     """A retired token again: within the reuse interval, the session's current head (two
     tabs refreshing at once); later, pruned, or with no head to give, the session is revoked."""
     if token is not None and now - (token.used_at or now) <= settings.current().refresh_reuse_interval:
@@ -224,15 +237,15 @@ def _replayed(db: Session, token: _Token | None, auth_session: Any, jti: str, no
     return None
 
 
-def _current_head(db: Session, auth_session: Any, jti: str) -> sessions.Issued | None:
+def _current_head(db: Connection, auth_session: Any, jti: str) -> sessions.Issued | None:
     """Follow a retired token's descendants to the one not yet used."""
     for _ in range(_MAX_CHAIN_WALK):
         # Under JWT_SECRET_KEY, or a previous secret for a link minted before it changed.
         by_hash = {tokens.jti_hash(candidate): candidate for candidate in tokens.child_jti_candidates(jti)}
-        child = db.scalar(select(RefreshToken).where(RefreshToken.jti_hash.in_(by_hash)))
+        child = db.execute(_statements().child.where(RefreshToken.jti_hash.in_(by_hash))).first()
         if child is None or child.session_id != auth_session.id:
             return None
         jti = by_hash[child.jti_hash]
         if child.used_at is None:
-            return sessions.Issued(auth_session, child, jti)
+            return sessions.Issued(auth_session, child, jti)  # type: ignore[arg-type]  # its row
     return None
