@@ -449,8 +449,8 @@ def _refuse(reason: str) -> NoReturn:
 
 
 class WrongTokenType(jwt.InvalidTokenError):
-    """A well-signed token of ours of the other type (an access token where a refresh token
-    is required, or the reverse)."""
+    """A well-signed token of ours of the other type: an access token where a refresh token
+    is required."""
 
 
 def check_shape(header: dict[str, Any], claims: dict[str, Any], algorithm: str) -> None:
@@ -506,16 +506,11 @@ def _unverified_kid(encoded: str) -> Any:
     return header.get("kid") if isinstance(header, dict) else None
 
 
-def _check_kid(header: dict[str, Any], key: Key, keyring: KeyRing, *, refresh: bool) -> None:
+def _check_kid(header: dict[str, Any], key: Key) -> None:
     """The token names the key that verified it (a token verified by the sole HMAC key
-    without its kid read first must name that key too); a refresh token may name none
-    when JWT_SECRET_KEY verified it (minted before tokens carried a kid)."""
-    kid = header.get("kid")
-    if kid == key.kid:
-        return
-    if kid is None and refresh and not keyring.asymmetric and key is keyring.current().signing:
-        return
-    _refuse("no published key has this kid")
+    without its kid read first must name that key too)."""
+    if header.get("kid") != key.kid:
+        _refuse("no published key has this kid")
 
 
 def _decode(encoded: str, key: Key, algorithm: str, *, verify_exp: bool) -> dict[str, Any]:
@@ -531,13 +526,44 @@ def _decode(encoded: str, key: Key, algorithm: str, *, verify_exp: bool) -> dict
     )
 
 
-def _verifying_key(keyring: KeyRing, encoded: str, *, refresh: bool) -> Key:
-    """The key that verifies `encoded`: the sole HMAC key, else the one its `kid` names
-    (for a refresh token without a kid, minted before tokens carried one, JWT_SECRET_KEY's)."""
+def decode_access_token(encoded: str) -> dict[str, Any]:
+    """The claims of an access token, checked once in one PyJWT decode: the key its `kid`
+    names, the configured algorithm, `iss`, `aud`, `exp`/`nbf`/`iat`, then the contract's
+    rules (`check_shape`: header parameters, typ at+jwt, every claim, `sub` a user id) and
+    type access. A failure raises what flask-jwt-extended's own verification raises, so
+    its error handlers answer through the same loaders (authapp/auth/tokens.py init_app).
+    """
+    keyring: KeyRing = current_app.extensions["authapp_keys"]
     key = keyring.sole_hmac_key()
     if key is None:  # several keys: the header's kid names the one to verify with
         kid = _unverified_kid(encoded)
-        if kid is None and refresh and not keyring.asymmetric:
+        key = keyring.find(kid) if isinstance(kid, str) else None
+        if key is None:
+            _refuse("no published key has this kid")
+    try:
+        decoded = _decode(encoded, key, keyring.algorithm, verify_exp=True)
+    except jwt.ExpiredSignatureError as expired:
+        # As before the signature: a token of the wrong shape is INVALID_TOKEN, even expired.
+        late = _decode(encoded, key, keyring.algorithm, verify_exp=False)
+        _check_kid(late["header"], key)
+        check_shape(late["header"], late["payload"], keyring.algorithm)
+        expired.jwt_header, expired.jwt_data = late["header"], late["payload"]  # type: ignore[attr-defined]
+        raise
+    claims = decoded["payload"]
+    _check_kid(decoded["header"], key)
+    check_shape(decoded["header"], claims, keyring.algorithm)
+    if claims["type"] != "access":
+        _refuse("not an access token")
+    return claims
+
+
+def _refresh_key(keyring: KeyRing, encoded: str) -> Key:
+    """The key that verifies a refresh token: the sole HMAC key, else the one its `kid`
+    names, or JWT_SECRET_KEY's for a token without a kid (minted before tokens carried one)."""
+    key = keyring.sole_hmac_key()
+    if key is None:
+        kid = _unverified_kid(encoded)
+        if kid is None and not keyring.asymmetric:
             key = keyring.current().signing
         else:
             key = keyring.find(kid) if isinstance(kid, str) else None
@@ -546,37 +572,10 @@ def _verifying_key(keyring: KeyRing, encoded: str, *, refresh: bool) -> Key:
     return key
 
 
-def _decode_checked(encoded: str, token_type: str, *, verify_exp: bool = True) -> dict[str, Any]:
-    """The claims of a token of `token_type`, checked once in one PyJWT decode (see
-    `decode_access_token`)."""
-    keyring: KeyRing = current_app.extensions["authapp_keys"]
-    refresh = token_type == "refresh"
-    key = _verifying_key(keyring, encoded, refresh=refresh)
-    try:
-        decoded = _decode(encoded, key, keyring.algorithm, verify_exp=verify_exp)
-    except jwt.ExpiredSignatureError as expired:
-        # As before the signature: a token of the wrong shape is INVALID_TOKEN, even expired.
-        late = _decode(encoded, key, keyring.algorithm, verify_exp=False)
-        _check_kid(late["header"], key, keyring, refresh=refresh)
-        check_shape(late["header"], late["payload"], keyring.algorithm)
-        expired.jwt_header, expired.jwt_data = late["header"], late["payload"]  # type: ignore[attr-defined]
-        raise
-    claims = decoded["payload"]
-    _check_kid(decoded["header"], key, keyring, refresh=refresh)
-    check_shape(decoded["header"], claims, keyring.algorithm)
-    if claims["type"] != token_type:
-        raise WrongTokenType(f"not a token of type {token_type}")
-    return claims
-
-
-def decode_access_token(encoded: str) -> dict[str, Any]:
-    """The claims of an access token, checked once in one PyJWT decode: the key its `kid`
-    names, the configured algorithm, `iss`, `aud`, `exp`/`nbf`/`iat`, then the contract's
-    rules (`check_shape`: header parameters, typ at+jwt, every claim, `sub` a user id) and
-    type access. A failure raises what flask-jwt-extended's own verification raises, so
-    its error handlers answer through the same loaders (authapp/auth/tokens.py init_app).
-    """
-    return _decode_checked(encoded, "access")
+def _check_refresh_kid(header: dict[str, Any], key: Key, keyring: KeyRing) -> None:
+    """`_check_kid`, with a refresh token that names no key taken as JWT_SECRET_KEY's."""
+    if "kid" in header or keyring.asymmetric or key is not keyring.current().signing:
+        _check_kid(header, key)
 
 
 def decode_refresh_token(encoded: str, *, verify_exp: bool = True) -> dict[str, Any]:
@@ -584,8 +583,23 @@ def decode_refresh_token(encoded: str, *, verify_exp: bool = True) -> dict[str, 
     token (typ JWT or none, type refresh), in one PyJWT decode instead of
     flask-jwt-extended's three; a refresh token without a kid (minted before tokens
     carried one) is verified with JWT_SECRET_KEY. Raises PyJWT's errors
-    (`jwt.ExpiredSignatureError` for an expired one)."""
-    return _decode_checked(encoded, "refresh", verify_exp=verify_exp)
+    (`jwt.ExpiredSignatureError` for an expired one, `WrongTokenType` for an access token)."""
+    keyring: KeyRing = current_app.extensions["authapp_keys"]
+    key = _refresh_key(keyring, encoded)
+    try:
+        decoded = _decode(encoded, key, keyring.algorithm, verify_exp=verify_exp)
+    except jwt.ExpiredSignatureError:
+        # As before the signature: a token of the wrong shape is INVALID_TOKEN, even expired.
+        late = _decode(encoded, key, keyring.algorithm, verify_exp=False)
+        _check_refresh_kid(late["header"], key, keyring)
+        check_shape(late["header"], late["payload"], keyring.algorithm)
+        raise
+    claims = decoded["payload"]
+    _check_refresh_kid(decoded["header"], key, keyring)
+    check_shape(decoded["header"], claims, keyring.algorithm)
+    if claims["type"] != "refresh":
+        raise WrongTokenType("not a refresh token")
+    return claims
 
 
 def _encode_key_unused(_identity: Any) -> Any:
