@@ -210,6 +210,18 @@ def unit_of_work() -> Iterator[Session]:
 
 
 @contextmanager
+def core_unit_of_work() -> Iterator[Connection]:
+    """`unit_of_work` for a flow that reads and writes with Core statements only: one
+    transaction through the breaker on a Connection of the app's engine, committed when
+    the block ends, rolled back when it raises. No ORM Session (its transaction states,
+    connection lookup, flush and teardown): on a refresh they cost more than its two
+    statements' own work. The Connection's events run as for a Session's (the statement
+    timeout, the scope check)."""
+    with _through_breaker(), db.engine.begin() as connection:
+        yield connection
+
+
+@contextmanager
 def autocommit_read() -> Iterator[Connection]:
     """A connection for one read statement outside any transaction, through the breaker.
 

@@ -297,6 +297,32 @@ def test_me_costs_one_statement(app, client, tokens):
     assert len(statements) == 1, statements
 
 
+def test_a_refresh_that_fails_after_its_rotation_retires_nothing(app, client, tokens, monkeypatch):
+    """The token's read and the rotation's statements are one transaction, rolled back
+    when the refresh fails after them: the token is still unused and rotates."""
+    from authapp.auth import refresh
+
+    def stored():
+        with app.app_context():
+            rows = db.session.execute(select(RefreshToken.used_at)).all()
+            return rows, db.session.scalar(select(AuthSession.last_used_at))
+
+    before = stored()
+    assert before[0] == [(None,)]
+
+    def failing(*args):
+        raise RuntimeError("after the rotation's statement")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(refresh, "_Child", failing)
+        app.config["PROPAGATE_EXCEPTIONS"] = False
+        assert_error(do_refresh(client, tokens["refresh_token"]), 500, "INTERNAL_ERROR")
+    assert stored() == before
+    rotated = do_refresh(client, tokens["refresh_token"])
+    assert rotated.status_code == 200
+    assert stored()[0] != before[0]
+
+
 def test_protected_routes_need_a_token(client):
     for method, path in [
         ("post", "/auth/logout"),

@@ -187,6 +187,26 @@ def test_every_algorithm_register_login_refresh_me_logout(make_app, algorithm):
         assert published == []
 
 
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_sign_gives_what_jwt_encode_gives(make_app, algorithm):
+    app = make_app(JWT_ALGORITHM=algorithm)
+    if algorithm in ASYMMETRIC:
+        activate_new_key(app)
+    claims = {"sub": "12", "sid": 's\u00e9ssion "1"', "iat": 1, "exp": 2**31, "amr": ["pwd", "otp"], "type": "access"}
+    with app.app_context():
+        signing = keys.signing_key()
+        for access in (True, False):
+            ours = keys.sign(claims, signing, access=access)
+            headers = {"kid": signing.kid, "typ": "at+jwt" if access else "JWT"}
+            theirs = jwt.encode(claims, signing.signer, algorithm=algorithm, headers=headers)
+            if algorithm == "ES256":  # randomised signatures: the same signed part, and it verifies
+                assert ours.rsplit(".", 1)[0] == theirs.rsplit(".", 1)[0]
+                decoded = jwt.decode(ours, signing.verifier, algorithms=[algorithm], options={"verify_aud": False})
+                assert decoded == claims
+            else:
+                assert ours == theirs
+
+
 @pytest.mark.parametrize("algorithm", ["HS256", "ES256", "EdDSA", "RS256"])
 def test_a_replay_inside_the_reuse_interval_gets_a_working_current_pair(make_app, algorithm):
     app = make_app(JWT_ALGORITHM=algorithm)
@@ -312,6 +332,17 @@ def test_a_refresh_token_minted_before_kids_existed_still_refreshes(client, toke
     legacy = jwt.encode(claims, SECRET, algorithm="HS256")
     assert "kid" not in header_of(legacy)
     assert client.post("/auth/refresh", json={"refresh_token": legacy}).status_code == 200
+
+
+def test_a_refresh_token_without_a_kid_is_verified_with_jwt_secret_key_only(make_app):
+    # With previous secrets the key is found by kid, not as the sole key: a token without
+    # one is still JWT_SECRET_KEY's, never a previous secret's.
+    app = make_app(JWT_SECRET_KEY=NEW_SECRET, JWT_PREVIOUS_SECRET_KEYS=SECRET)
+    client = app.test_client()
+    claims = claims_of(register(client)["refresh_token"])
+    assert client.post("/auth/refresh", json={"refresh_token": jwt.encode(claims, NEW_SECRET)}).status_code == 200
+    by_previous = jwt.encode({**claims, "jti": "0" * 32}, SECRET)
+    assert_error(client.post("/auth/refresh", json={"refresh_token": by_previous}), 401, "INVALID_TOKEN")
 
 
 @pytest.mark.parametrize(

@@ -269,6 +269,57 @@ def test_the_prebuilt_user_serializer_has_every_field_of_the_schema(client, toke
     assert set(spec["components"]["schemas"]["User"]["properties"]) == set(user_out.__code__.co_consts[-1])
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    user_id=st.integers(min_value=1, max_value=2**53),
+    text=st.text(max_size=40),
+    active=st.booleans(),
+    created=_WHEN,
+    last_login=st.none() | _WHEN,
+    verified=st.none() | _WHEN,
+    mfa_since=st.none() | _WHEN,
+    aal=st.sampled_from(["aal1", "aal2"]),
+    expires_in=st.integers(min_value=0, max_value=2**31),
+)
+def test_the_prebuilt_token_response_serializer_agrees_with_its_schema(
+    user_id, text, active, created, last_login, verified, mfa_since, aal, expires_in
+):
+    from authapp.auth.refresh import _User
+    from authapp.schemas import TokenResponseSchema, token_response_out
+
+    user = _User(user_id, text, text + "@example.com", active, created, last_login, verified, mfa_since)
+    pair = {"access_token": text + ".a", "refresh_token": text + ".r", "token_type": "bearer"}
+    pair.update(expires_in=expires_in, aal=aal, user=user)
+    assert token_response_out(pair) == TokenResponseSchema().dump(pair)
+
+
+def test_the_prebuilt_token_response_serializer_has_every_field_of_the_schema(client, tokens):
+    from authapp.schemas import TokenResponseSchema
+
+    refreshed = client.post("/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+    assert refreshed.status_code == 200 and refreshed.mimetype == "application/json"
+    body = refreshed.get_json()
+    assert list(body) == sorted(TokenResponseSchema().fields)  # sorted keys, as Flask's JSON writes them
+    assert body["user"] == tokens["user"]  # the register answer went through the schemas
+    assert set(body) == set(tokens)
+    spec = client.get("/openapi.json").get_json()
+    documented = spec["paths"]["/auth/refresh"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert documented == {"$ref": "#/components/schemas/TokenResponse"}
+
+
+def test_a_body_schema_is_made_once_not_for_each_request(client, tokens, monkeypatch):
+    from marshmallow import Schema
+
+    made = []
+    init = Schema.__init__
+    monkeypatch.setattr(Schema, "__init__", lambda self, *a, **k: made.append(type(self)) or init(self, *a, **k))
+    for _ in range(2):
+        refreshed = client.post("/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+        assert refreshed.status_code == 200
+        tokens = refreshed.get_json()
+    assert made == []
+
+
 def test_the_liveness_body_is_the_schemas(client):
     from authapp.schemas import LivenessSchema
 

@@ -148,6 +148,35 @@ def test_a_protected_request_decodes_its_token_once(app, client, tokens, monkeyp
     assert calls == [tokens["access_token"]]
 
 
+def test_a_refresh_decodes_its_token_once(app, client, tokens, monkeypatch):
+    import flask_jwt_extended.jwt_manager
+
+    calls = []
+    pyjwt = jwt.decode_complete
+
+    def counted(*args, **kwargs):
+        calls.append(args[0])
+        return pyjwt(*args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode_complete", counted)
+    monkeypatch.setattr(jwt, "decode", lambda *a, **k: pytest.fail("a second decode"))
+    monkeypatch.setattr(jwt, "get_unverified_header", lambda *a, **k: pytest.fail("the header read apart"))
+    monkeypatch.setattr(
+        flask_jwt_extended.jwt_manager.JWTManager,
+        "_decode_jwt_from_config",
+        lambda *a, **k: pytest.fail("flask-jwt-extended decoded the refresh token"),
+    )
+    assert client.post("/auth/refresh", json={"refresh_token": tokens["refresh_token"]}).status_code == 200
+    assert calls == [tokens["refresh_token"]]
+
+
+def test_an_access_token_is_no_refresh_token(client, tokens):
+    response = client.post("/auth/refresh", json={"refresh_token": tokens["access_token"]})
+    assert_error(response, 401, "INVALID_TOKEN")
+    assert response.get_json()["detail"] == "A refresh token is required"
+    assert_error(client.get("/auth/me", headers=bearer(tokens["refresh_token"])), 401, "INVALID_TOKEN")
+
+
 def test_an_expired_token_of_the_wrong_shape_is_invalid_not_expired(client, tokens):
     """The contract's rules come first, as when they were checked before the signature."""
     expired = int(time.time()) - 60

@@ -11,11 +11,13 @@ Each process keeps one immutable `KeySet` per app and re-reads the table at most
 (at most once per `UNKNOWN_KID_RELOAD_SECONDS`), so a rotation reaches every instance
 without a restart and a flood of made-up kids costs one query per few seconds.
 
-An access token (every protected request) is verified by `decode_access_token`: one
-PyJWT decode with the key its `kid` names, bound to the configured algorithm (a PyJWK),
-then the token's shape (header parameters, `typ`, `type`, claims, `sub`). A refresh token
-is verified by flask-jwt-extended, with `decode_key` as its key loader: the loader checks
-the shape and answers the key. Signing is `sign`, PyJWT's `jwt.encode` with the active key.
+An access token (every protected request) is verified by `decode_access_token`, a refresh
+token (every refresh) by `decode_refresh_token`: one PyJWT decode with the key its `kid`
+names, bound to the configured algorithm (a PyJWK), then the token's shape (header
+parameters, `typ`, `type`, claims, `sub`). flask-jwt-extended's own verification (three
+decodes of the token) keeps `decode_key` as its key loader, which checks the same shape.
+Signing is `sign`: what PyJWT's `jwt.encode` makes with the active key, its header and
+prepared key made once per key.
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ import os
 import re
 import threading
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from typing import Any, NoReturn, cast
 
 import jwt
@@ -43,7 +47,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from flask import Flask, current_app
 from jwt import PyJWK
 from jwt.algorithms import get_default_algorithms
-from jwt.utils import base64url_decode
+from jwt.utils import base64url_decode, base64url_encode
+from jwt.warnings import InsecureKeyLengthWarning
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
@@ -271,6 +276,29 @@ class Key:
     signer: Any = None  # the private key (or HMAC secret) of the signing key only
     jwk: dict[str, Any] | None = None  # published (asymmetric keys only)
 
+    @cached_property
+    def signing_parts(self) -> tuple[Any, Any, dict[bool, bytes]]:
+        """What `sign` needs of this key, made at its first signature instead of at each:
+        PyJWT's algorithm, the key as PyJWT prepares it (for an HMAC secret: a PEM pattern,
+        two DER parses and a JSON parse that fail), and the header segment of an access
+        token (True) and of a refresh token (False), as `jwt.encode` writes them."""
+        algorithm = get_default_algorithms()[self.algorithm]
+        prepared = algorithm.prepare_key(self.signer)
+        too_short = algorithm.check_key_length(prepared)
+        if too_short:  # as jwt.encode warns (PyJWT's default: a warning, not an error)
+            warnings.warn(too_short, InsecureKeyLengthWarning, stacklevel=2)
+        headers = {
+            access: base64url_encode(
+                json.dumps(
+                    {"typ": ACCESS_TYP if access else REFRESH_TYP, "alg": self.algorithm, "kid": self.kid},
+                    separators=(",", ":"),
+                    sort_keys=True,
+                ).encode()
+            )
+            for access in (True, False)
+        }
+        return algorithm, prepared, headers
+
 
 @dataclass(frozen=True)
 class KeySet:
@@ -399,9 +427,13 @@ def ring(app: Flask | None = None) -> KeyRing:
 
 
 def sign(claims: dict[str, Any], signing: Key, *, access: bool) -> str:
-    """A token of `claims` signed by `signing` (from `signing_key()`), `kid` and `typ` in its header."""
-    headers = {"kid": signing.kid, "typ": ACCESS_TYP if access else REFRESH_TYP}
-    return jwt.encode(claims, signing.signer, algorithm=signing.algorithm, headers=headers)
+    """A token of `claims` signed by `signing` (from `signing_key()`), `kid` and `typ` in its
+    header: the bytes `jwt.encode(claims, signing.signer, algorithm, headers={"kid", "typ"})`
+    gives (tests/test_signing_keys.py compares them), for claims of strings, numbers and
+    lists (no datetime: mint_pair writes times as integers)."""
+    algorithm, prepared, headers = signing.signing_parts
+    signing_input = headers[access] + b"." + base64url_encode(json.dumps(claims, separators=(",", ":")).encode())
+    return (signing_input + b"." + base64url_encode(algorithm.sign(signing_input, prepared))).decode()
 
 
 def signing_key() -> Key:
@@ -414,6 +446,11 @@ def signing_key() -> Key:
 
 def _refuse(reason: str) -> NoReturn:
     raise jwt.InvalidTokenError(reason)
+
+
+class WrongTokenType(jwt.InvalidTokenError):
+    """A well-signed token of ours of the other type: an access token where a refresh token
+    is required."""
 
 
 def check_shape(header: dict[str, Any], claims: dict[str, Any], algorithm: str) -> None:
@@ -517,6 +554,51 @@ def decode_access_token(encoded: str) -> dict[str, Any]:
     check_shape(decoded["header"], claims, keyring.algorithm)
     if claims["type"] != "access":
         _refuse("not an access token")
+    return claims
+
+
+def _refresh_key(keyring: KeyRing, encoded: str) -> Key:
+    """The key that verifies a refresh token: the sole HMAC key, else the one its `kid`
+    names, or JWT_SECRET_KEY's for a token without a kid (minted before tokens carried one)."""
+    key = keyring.sole_hmac_key()
+    if key is None:
+        kid = _unverified_kid(encoded)
+        if kid is None and not keyring.asymmetric:
+            key = keyring.current().signing
+        else:
+            key = keyring.find(kid) if isinstance(kid, str) else None
+        if key is None:
+            _refuse("no published key has this kid")
+    return key
+
+
+def _check_refresh_kid(header: dict[str, Any], key: Key, keyring: KeyRing) -> None:
+    """`_check_kid`, with a refresh token that names no key taken as JWT_SECRET_KEY's."""
+    if "kid" in header or keyring.asymmetric or key is not keyring.current().signing:
+        _check_kid(header, key)
+
+
+def decode_refresh_token(encoded: str, *, verify_exp: bool = True) -> dict[str, Any]:
+    """The claims of a refresh token, checked as `decode_access_token` checks an access
+    token (typ JWT or none, type refresh), in one PyJWT decode instead of
+    flask-jwt-extended's three; a refresh token without a kid (minted before tokens
+    carried one) is verified with JWT_SECRET_KEY. Raises PyJWT's errors
+    (`jwt.ExpiredSignatureError` for an expired one, `WrongTokenType` for an access token)."""
+    keyring: KeyRing = current_app.extensions["authapp_keys"]
+    key = _refresh_key(keyring, encoded)
+    try:
+        decoded = _decode(encoded, key, keyring.algorithm, verify_exp=verify_exp)
+    except jwt.ExpiredSignatureError:
+        # As before the signature: a token of the wrong shape is INVALID_TOKEN, even expired.
+        late = _decode(encoded, key, keyring.algorithm, verify_exp=False)
+        _check_refresh_kid(late["header"], key, keyring)
+        check_shape(late["header"], late["payload"], keyring.algorithm)
+        raise
+    claims = decoded["payload"]
+    _check_refresh_kid(decoded["header"], key, keyring)
+    check_shape(decoded["header"], claims, keyring.algorithm)
+    if claims["type"] != "refresh":
+        raise WrongTokenType("not a refresh token")
     return claims
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import Connection, delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from .. import audit, clock, settings
@@ -46,7 +46,7 @@ class Issued:
     """A session's newest refresh token, and the `jti` its pair is minted from."""
 
     session: AuthSession
-    refresh: RefreshToken
+    refresh: RefreshToken  # or what a refresh read or stored of one (its issued_at, expires_at)
     jti: str
     ended: list[str] = field(default_factory=list)  # sessions ended to stay within the cap
 
@@ -113,7 +113,7 @@ def refresh_token_row(auth_session: AuthSession, jti: str, parent_id: int | None
     )
 
 
-def revoke(db: Session, reason: str, now: datetime, *conditions: Any) -> int:
+def revoke(db: Session | Connection, reason: str, now: datetime, *conditions: Any) -> int:
     """Revoke the live sessions matching `conditions`; returns how many."""
     result = db.execute(
         update(AuthSession)

@@ -11,8 +11,10 @@ the same bytes again; ES256 signatures are randomised, so its pair is signed ane
 JWT_SECRET_KEY changes, the chains derived under an older secret are followed with the
 secrets of JWT_PREVIOUS_SECRET_KEYS.
 
-Tokens are signed by `keys.sign` and verified by flask-jwt-extended with `keys.decode_key`
-as its key loader (authapp/auth/keys.py).
+Tokens are signed by `keys.sign` and verified by `keys.decode_access_token` and
+`keys.decode_refresh_token` (one PyJWT decode each); flask-jwt-extended keeps
+`keys.decode_key` as its key loader, and its error loaders answer in the envelope
+(authapp/auth/keys.py).
 """
 
 from __future__ import annotations
@@ -22,8 +24,7 @@ import hmac
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from flask_jwt_extended import JWTManager, decode_token
-from flask_jwt_extended.exceptions import JWTExtendedException
+from flask_jwt_extended import JWTManager
 from jwt import ExpiredSignatureError, InvalidTokenError
 
 from .. import settings
@@ -93,14 +94,13 @@ def mint_pair(user: Any, session: AuthSession, refresh: RefreshToken, refresh_jt
 def decode_refresh_token(encoded: str, *, allow_expired: bool = False) -> dict[str, Any]:
     """The claims of a well-signed refresh token, or INVALID_TOKEN / TOKEN_EXPIRED."""
     try:
-        claims = decode_token(encoded, allow_expired=allow_expired)
+        return keys.decode_refresh_token(encoded, verify_exp=not allow_expired)
     except ExpiredSignatureError:
         raise TokenExpired() from None
-    except (InvalidTokenError, JWTExtendedException, ValueError, TypeError):
+    except keys.WrongTokenType:
+        raise InvalidToken("A refresh token is required") from None
+    except (InvalidTokenError, ValueError, TypeError):
         raise InvalidToken() from None
-    if claims.get("type") != "refresh" or not isinstance(claims.get("sid"), str):
-        raise InvalidToken("A refresh token is required")
-    return claims
 
 
 def init_app(jwt: JWTManager) -> None:
