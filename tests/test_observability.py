@@ -6,6 +6,7 @@ import copy
 import io
 import json
 import logging
+from contextlib import contextmanager
 
 from helpers import PASSWORD, bearer, sid_of
 
@@ -224,3 +225,68 @@ def test_a_request_line_is_redacted_as_any_line(app):
             assert written == logs.RedactingJsonFormatter.format(_generic_only(formatter), generic)
             if name == "path":
                 assert secret not in written and "redacted" in written
+
+
+@contextmanager
+def as_configured():
+    """The handlers as logs.configure leaves them (pytest adds capturing ones for each test's call)."""
+    parent = logging.getLogger("authapp")
+    saved = parent.handlers
+    (ours,) = [h for h in saved if type(h) is logs._StderrHandler]
+    parent.handlers = [ours]
+    try:
+        yield ours
+    finally:
+        parent.handlers = saved
+
+
+def test_the_line_written_straight_to_stderr_is_the_records_line(app, client, capsys):
+    """With the handlers as logs.configure sets them up, a request's line is written to
+    stderr without a record: the same text as the record's line, secrets redacted too."""
+    logger = logging.getLogger("authapp.request")
+    with as_configured() as ours:
+        handler = logs._sole_stderr_handler(logger)
+        assert handler is ours  # the app's own set-up: the straight path is the one taken
+        for fields in (_request_fields(), _request_fields(path="/r/eyJa.eyJb.c", user_id=None, status=404)):
+            record = logs.RequestLineRecord(logger.name, dict(fields))
+            assert handler.formatter.request_line(logger.name, fields, record.created) == handler.format(record)
+        capsys.readouterr()
+        client.get("/health/live", headers={"X-Request-ID": "3fa85f64-5717-4562-b3fc-2c963f66afa6"})
+    (line,) = [json.loads(text) for text in capsys.readouterr().err.splitlines() if '"request"' in text]
+    assert line["path"] == "/health/live" and line["request_id"] == "3fa85f64-5717-4562-b3fc-2c963f66afa6"
+    assert list(line) == ["level", "logger", "message", *logs.REQUEST_LINE_FIELDS, "timestamp"]
+
+
+def test_any_other_handler_or_filter_takes_the_records_way(app):
+    with as_configured():
+        _each_change_takes_the_records_way()
+
+
+def _each_change_takes_the_records_way():
+    logger, parent = logging.getLogger("authapp.request"), logging.getLogger("authapp")
+    assert logs._sole_stderr_handler(logger) is not None
+    extra = logging.NullHandler()
+    for add, remove in (
+        (lambda: parent.addHandler(extra), lambda: parent.removeHandler(extra)),
+        (lambda: logger.addHandler(extra), lambda: logger.removeHandler(extra)),
+        (lambda: parent.addFilter(str), lambda: parent.removeFilter(str)),
+        (lambda: parent.handlers[0].addFilter(str), lambda: parent.handlers[0].removeFilter(str)),
+        (lambda: parent.handlers[0].setLevel(logging.WARNING), lambda: parent.handlers[0].setLevel(logging.NOTSET)),
+    ):
+        add()
+        try:
+            assert logs._sole_stderr_handler(logger) is None
+        finally:
+            remove()
+    assert logs._sole_stderr_handler(logger) is not None
+
+
+def test_a_failing_stderr_never_fails_the_request(app, client, monkeypatch):
+    failed = []
+    with as_configured() as ours:
+        assert logs._sole_stderr_handler(logging.getLogger("authapp.request")) is ours
+        monkeypatch.setattr(ours, "handleError", failed.append)
+        monkeypatch.setattr("sys.stderr", None)
+        assert client.get("/health/live").status_code == 200
+    (record,) = failed
+    assert record.path == "/health/live" and record.status == 200

@@ -61,23 +61,26 @@ class RedactingJsonFormatter(OrjsonFormatter):
             text = self.format_request_line(record)
         else:
             text = super().format(record)
+        return self.redacted(text)
+
+    def request_line(self, name: str, fields: dict[str, Any], created: float) -> str:
+        """The line `format` writes for a request's record of logger `name`, made at
+        `created` (time.time()) with `fields`, without the record."""
+        return self.redacted(self._request_line_text(name, fields, created))
+
+    def redacted(self, text: str) -> str:
         for literal, pattern, replacement in _REDACTIONS:
             if literal in text:
                 text = pattern.sub(replacement, text)
         return text
 
-    def format_request_line(self, record: RequestLineRecord) -> str:
-        """The request's line as `format` writes it with make_handler's settings (the same
-        fields in the same order: tests/test_observability.py compares the two), without
-        python-json-logger's walk over every attribute of the record."""
-        record.message = record.msg
-        fields = record.__dict__
+    def _request_line_text(self, name: str, fields: dict[str, Any], created: float) -> str:
         # REQUEST_LINE_FIELDS, written out: a loop over them cost more than the line's JSON.
         return self.serialize_log_record(
             {
-                "level": record.levelname,
-                "logger": record.name,
-                "message": record.msg,
+                "level": "INFO",
+                "logger": name,
+                "message": "request",
                 "event": fields["event"],
                 "method": fields["method"],
                 "path": fields["path"],
@@ -86,9 +89,16 @@ class RedactingJsonFormatter(OrjsonFormatter):
                 "user_id": fields["user_id"],
                 "client_addr": fields["client_addr"],
                 "request_id": fields["request_id"],
-                "timestamp": datetime.fromtimestamp(record.created, tz=UTC),
+                "timestamp": datetime.fromtimestamp(created, tz=UTC),
             }
         )
+
+    def format_request_line(self, record: RequestLineRecord) -> str:
+        """The request's line as `format` writes it with make_handler's settings (the same
+        fields in the same order: tests/test_observability.py compares the two), without
+        python-json-logger's walk over every attribute of the record."""
+        record.message = record.msg
+        return self._request_line_text(record.name, record.__dict__, record.created)
 
 
 # The fields of a request's line after its message, in the order of the line.
@@ -151,9 +161,48 @@ _REQUEST_RECORD_BASE: dict[str, Any] = {
 
 def log_request_line(logger: logging.Logger, fields: dict[str, Any]) -> None:
     """Log a request's line (INFO, message "request") to `logger`'s handlers, as
-    `logger.info("request", extra=fields)` would; `fields` holds REQUEST_LINE_FIELDS."""
-    if logger.isEnabledFor(logging.INFO):
+    `logger.info("request", extra=fields)` would; `fields` holds REQUEST_LINE_FIELDS.
+
+    With the handlers as `configure` sets them up (the line's one destination is our
+    stderr handler), the line is written straight to it: the same text, under the same
+    lock, without a record walked through the logging module's dispatch
+    (tests/test_observability.py compares the two)."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    handler = _sole_stderr_handler(logger)
+    if handler is None:
         logger.handle(RequestLineRecord(logger.name, fields))
+        return
+    try:
+        text = handler.formatter.request_line(logger.name, fields, time.time())  # type: ignore[union-attr]
+        with handler.lock:  # type: ignore[union-attr]
+            handler.write(text)
+    except RecursionError:  # as StreamHandler
+        raise
+    except Exception:  # as Handler.emit: reported on stderr, never the request's failure
+        handler.handleError(RequestLineRecord(logger.name, fields))
+
+
+def _sole_stderr_handler(logger: logging.Logger) -> _StderrHandler | None:
+    """The handler `configure` gave `logger`'s parent, when it is the only place a record
+    of `logger` would go and nothing on the way would filter or change it; else None."""
+    parent = logger.parent
+    if logger.handlers or logger.filters or not logger.propagate or logger.disabled or parent is None:
+        return None
+    if parent.filters or parent.propagate or parent.disabled or len(parent.handlers) != 1:
+        return None
+    handler = parent.handlers[0]
+    formatter = handler.formatter
+    if (
+        type(handler) is not _StderrHandler
+        or handler.level > logging.INFO
+        or type(formatter) is not RedactingJsonFormatter
+        or not formatter.request_lines_written_out
+        or len(handler.filters) != 1
+        or type(handler.filters[0]) is not RequestContextFilter
+    ):
+        return None
+    return handler
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -172,13 +221,17 @@ class _StderrHandler(logging.StreamHandler):
         handler's lock is held already (Handler.handle), which StreamHandler.flush takes
         again (a request's line is on the hot path)."""
         try:
-            stream = sys.stderr
-            stream.write(self.format(record) + self.terminator)
-            stream.flush()
+            self.write(self.format(record))
         except RecursionError:  # as StreamHandler: see CPython issue 36272
             raise
         except Exception:
             self.handleError(record)
+
+    def write(self, text: str) -> None:
+        """One line of `text` to standard error, flushed (the caller holds the lock)."""
+        stream = sys.stderr
+        stream.write(text + self.terminator)
+        stream.flush()
 
 
 # Our own loggers, and those of libraries whose messages an operator needs to see.
