@@ -387,13 +387,14 @@ def _run(engine: Engine, pooled: Any, statement: str, parameters: dict[str, Any]
 def _driver_error_of(engine: Engine, pooled: Any, exc: Exception, cursor: Any) -> DBAPIError:
     """The `DBAPIError` SQLAlchemy's Connection makes of a driver error. On a lost
     connection, as SQLAlchemy does, that connection is invalidated and so are the others
-    of the pool opened before it (here: the pool is renewed, as after an outage), since
-    the server that held them is likely gone too."""
+    of the pool opened before it, since the server that held them is likely gone too."""
     driver = None if pooled is None else pooled.driver_connection
     disconnect = engine.dialect.is_disconnect(exc, driver, cursor)  # type: ignore[arg-type]  # a DB-API Error
     if disconnect and pooled is not None:
-        pooled.invalidate(exc)
-        engine.dispose()
+        # As SQLAlchemy's Connection does (Pool._invalidate, SQLAlchemy 2.1 as pinned):
+        # this connection now, and every other opened before it at its next checkout.
+        # (engine.dispose() would leave the ones other requests hold outside any pool.)
+        engine.pool._invalidate(pooled, exc)
     return cast(
         DBAPIError,
         DBAPIError.instance(

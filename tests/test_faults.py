@@ -556,6 +556,49 @@ def test_a_connection_that_died_while_in_steady_use_fails_one_request(pg_databas
         db.engine.dispose()
 
 
+def test_a_lost_connection_leaves_no_connection_outside_the_pool(pg_database_url, monkeypatch):
+    """When the session check loses its connection, the others of the pool opened before
+    it are dropped at their next checkout, as SQLAlchemy does, and the ones other
+    requests hold at that moment go back to the same pool: the server's connection count
+    stays what the pool accounts for, round after round (renewing the whole pool would
+    leave those outside it, still open)."""
+    monkeypatch.setattr(database, "PING_AFTER_IDLE_SECONDS", 3600.0)
+    app = create_app(base_settings(DATABASE_URL=pg_database_url))
+    client, auth = _registered(app, "orphans")
+    admin = create_engine(pg_database_url, poolclass=NullPool)
+    count = text(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND application_name = 'authapp' AND pid <> pg_backend_pid()"
+    )
+    try:
+        opened = []
+        for _ in range(3):
+            with app.app_context():
+                engine = db.engine
+                warm = [engine.raw_connection() for _ in range(4)]
+                pids = {pooled.driver_connection.get_backend_pid() for pooled in warm}
+                for pooled in warm:
+                    pooled.close()
+                held = [engine.raw_connection() for _ in range(2)]  # another request's, meanwhile
+                idle = pids - {pooled.driver_connection.get_backend_pid() for pooled in held}
+            with admin.connect() as connection:  # the idle ones die, as in a restart
+                connection.execute(
+                    text("SELECT pg_terminate_backend(pid) FROM unnest(:pids) pid"), {"pids": list(idle)}
+                )
+            time.sleep(0.1)
+            assert_error(client.get("/auth/me", headers=auth), 503, "SERVICE_UNAVAILABLE")
+            for pooled in held:
+                pooled.close()
+            with admin.connect() as connection:
+                opened.append(connection.execute(count).scalar_one())
+        assert opened == [2, 2, 2]  # the held ones: the pool renews them at their next checkout
+        assert client.get("/auth/me", headers=auth).status_code == 200
+    finally:
+        admin.dispose()
+        with app.app_context():
+            db.engine.dispose()
+
+
 def test_the_session_check_is_one_round_trip(pg_database_url, monkeypatch):
     """No pre-ping, no BEGIN, no COMMIT: one protected request, one wait on PostgreSQL."""
     import psycopg2.extensions
