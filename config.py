@@ -169,7 +169,14 @@ def _directory(name: str, raw: str) -> str:
 
 
 # authapp/speedups.py
-SPEEDUP_NAMES = ("sync_callables", "lean_log_records", "pyjwt_segments", "limiter_hooks", "hmac_keys")
+SPEEDUP_NAMES = (
+    "sync_callables",
+    "lean_log_records",
+    "pyjwt_segments",
+    "limiter_hooks",
+    "hmac_keys",
+    "verified_tokens",
+)
 
 
 def _speedups(name: str, raw: str) -> tuple[str, ...]:

@@ -41,6 +41,15 @@ it was written for) logs a warning and leaves the library's own code in place.
   `HMACAlgorithm.prepare_key`, and answers the same for it; any other key gets PyJWT's
   check. Per app.
 
+- `verified_tokens`: every protected request verified its access token again (PyJWT:
+  three segments decoded, the header and the claims parsed, the HMAC or signature, each
+  claim's rule; about a fifth of a GET /auth/me), although a client sends the same token
+  for its whole life. Each process remembers the tokens it verified (`KeyRing.verified`,
+  at most `keys.VERIFIED_TOKENS_KEPT`, emptied when full) with the key that verified
+  them and their `exp`; such a token is taken as verified while it has not expired and
+  that key is still the one its kid names. The session is read on every request all the
+  same: revocation stays immediate. Per app.
+
 Not switched, since they run when the views are decorated (at import, before any app
 exists): `documentation_only`. flask-smorest's `doc` and `alt_response` only add to a
 view's OpenAPI description, yet each wraps the view in a function that looks up
@@ -71,7 +80,7 @@ from jwt.utils import force_bytes
 
 log = logging.getLogger("authapp.speedups")
 
-NAMES = ("sync_callables", "lean_log_records", "pyjwt_segments", "limiter_hooks", "hmac_keys")
+NAMES = ("sync_callables", "lean_log_records", "pyjwt_segments", "limiter_hooks", "hmac_keys", "verified_tokens")
 
 # -- sync_callables -----------------------------------------------------------------------
 
@@ -254,6 +263,15 @@ def remember_hmac_keys(app: Flask) -> bool:
     return True
 
 
+# -- verified_tokens ---------------------------------------------------------------------
+
+
+def remember_verified_tokens(app: Flask, on: bool) -> bool:
+    """Let the app's key ring remember the access tokens it verified (or, off, forget them)."""
+    app.extensions["authapp_keys"].verified = {} if on else None
+    return on
+
+
 # -- documentation_only ------------------------------------------------------------------
 
 SMOREST_WRITTEN_FOR = "0.47.0"
@@ -305,6 +323,7 @@ def install(app: Flask, wanted: tuple[str, ...]) -> dict[str, bool]:
         "sync_callables": "sync_callables" in wanted and cache_sync_callables(app),
         "limiter_hooks": "limiter_hooks" in wanted and drop_limiter_hooks(app, limiter),
         "hmac_keys": "hmac_keys" in wanted and remember_hmac_keys(app),
+        "verified_tokens": remember_verified_tokens(app, "verified_tokens" in wanted),
     }
     # Process-wide ones are switched both ways, so that an app made without them gets the
     # library's own code back.

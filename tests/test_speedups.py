@@ -11,7 +11,7 @@ import jwt
 import pytest
 from flask import Flask
 from flask_limiter import Limiter
-from helpers import base_settings, bearer
+from helpers import assert_error, base_settings, bearer
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from jwt.api_jws import PyJWS
@@ -47,6 +47,7 @@ def test_a_list_names_the_ones_to_use(database_url):
             "pyjwt_segments": False,
             "limiter_hooks": False,
             "hmac_keys": False,
+            "verified_tokens": False,
         }
     finally:
         speedups.install(app, speedups.NAMES)
@@ -506,3 +507,66 @@ def test_documentation_only_leaves_no_wrapper_and_the_same_description():
 
     wrapped = plain.alt_response(401, response="UNAUTHORIZED")(plain.doc(security=[{"bearerAuth": []}])(other))
     assert wrapped is not other and wrapped._apidoc == view._apidoc
+
+
+# -- verified_tokens ----------------------------------------------------------------------
+
+
+def _decodes(monkeypatch) -> list[str]:
+    """The tokens PyJWT decodes from now on."""
+    calls: list[str] = []
+    real = jwt.decode_complete
+
+    def counted(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode_complete", counted)
+    return calls
+
+
+def test_a_verified_token_is_not_decoded_again_and_its_session_still_is(app, client, tokens, monkeypatch):
+    access = bearer(tokens["access_token"])
+    decodes = _decodes(monkeypatch)
+    for _ in range(3):
+        assert client.get("/auth/me", headers=access).get_json() == tokens["user"]
+    assert decodes == [tokens["access_token"]]  # verified once, by the first request
+    assert client.post("/auth/logout", headers=access).status_code == 204
+    assert_error(client.get("/auth/me", headers=access), 401, "TOKEN_REVOKED")  # the session: read each time
+
+
+def test_a_verified_token_is_checked_again_once_expired_or_its_key_changed(app, client, tokens, monkeypatch):
+    from authapp.auth import keys
+
+    access = bearer(tokens["access_token"])
+    assert client.get("/auth/me", headers=access).status_code == 200
+    keyring = app.extensions["authapp_keys"]
+    key, exp, claims = keyring.verified[tokens["access_token"]]
+    assert claims["sid"] and keyring.still_verifies(key, exp)
+    decodes = _decodes(monkeypatch)
+    monkeypatch.setattr(keys.time, "time", lambda: exp + 0.5)  # PyJWT's clock is its own: the rule only
+    assert not keyring.still_verifies(key, exp)
+    monkeypatch.undo()
+    other = keys.Key(key.kid, key.algorithm, key.state, key.verifier, key.signer)  # a reloaded set's key
+    assert not keyring.still_verifies(other, exp)
+    decodes = _decodes(monkeypatch)
+    keyring.verified[tokens["access_token"]] = (other, exp, claims)
+    assert client.get("/auth/me", headers=access).status_code == 200
+    assert decodes == [tokens["access_token"]]  # verified again, and remembered with its key
+    assert keyring.verified[tokens["access_token"]][0] is key
+
+
+def test_verified_tokens_are_bounded_and_off_with_the_speedup(app, client, tokens, database_url, monkeypatch):
+    from authapp.auth import keys
+
+    keyring = app.extensions["authapp_keys"]
+    monkeypatch.setattr(keys, "VERIFIED_TOKENS_KEPT", 2)
+    keyring.verified.clear()
+    keyring.verified.update({"a": (None, 0, {}), "b": (None, 0, {})})
+    assert client.get("/auth/me", headers=bearer(tokens["access_token"])).status_code == 200
+    assert list(keyring.verified) == [tokens["access_token"]]
+    off = create_app(base_settings(DATABASE_URL=database_url, SPEEDUPS="none"))
+    try:
+        assert off.extensions["authapp_keys"].verified is None
+    finally:
+        speedups.install(app, speedups.NAMES)

@@ -370,6 +370,9 @@ class KeyRing:
         self._lock = threading.Lock()
         self._set: KeySet | None = None if self.asymmetric else _hmac_key_set(app.config)
         self._last_attempt = float("-inf")  # never tried
+        # Access tokens verified by this process: token -> (key, exp, claims); None: off
+        # (speedups.verified_tokens turns it on).
+        self.verified: dict[str, tuple[Key, int, dict[str, Any]]] | None = None
 
     def current(self) -> KeySet:
         keyset = self._set
@@ -384,6 +387,17 @@ class KeyRing:
         if key is None and self.asymmetric and time.monotonic() - self._last_attempt >= self.unknown_kid_interval:
             key = self._reload(keyset, forced=True).keys.get(kid)
         return key
+
+    def still_verifies(self, key: Key, exp: int, _claims: Any = None) -> bool:
+        """Whether an access token that `key` verified, expiring at `exp`, would verify
+        again now: not expired (PyJWT's rule: whole seconds, `exp` > now) and `key` still
+        the one its kid names (a reloaded key set has new keys: the token is checked again)."""
+        if int(time.time()) >= exp:
+            return False
+        sole = self.sole_hmac_key()
+        if sole is not None:
+            return sole is key
+        return self.find(key.kid) is key
 
     def sole_hmac_key(self) -> Key | None:
         """The one key of an HMAC key set without previous secrets: every token of this
@@ -532,26 +546,51 @@ def decode_access_token(encoded: str) -> dict[str, Any]:
     rules (`check_shape`: header parameters, typ at+jwt, every claim, `sub` a user id) and
     type access. A failure raises what flask-jwt-extended's own verification raises, so
     its error handlers answer through the same loaders (authapp/auth/tokens.py init_app).
+
+    A token this process verified before (`KeyRing.verified`, the `verified_tokens`
+    speed-up) is not decoded again while it has not expired and the key that verified it
+    is still the one its kid names: its claims are what they were (a copy). Only the
+    token's own checks are remembered, never its session: every request still reads the
+    session, so a revocation takes effect at once.
     """
     keyring: KeyRing = current_app.extensions["authapp_keys"]
+    verified = keyring.verified
+    if verified is not None:
+        known = verified.get(encoded)
+        if known is not None and keyring.still_verifies(*known):
+            return dict(known[2])
     key = keyring.sole_hmac_key()
     if key is None:  # several keys: the header's kid names the one to verify with
         kid = _unverified_kid(encoded)
         key = keyring.find(kid) if isinstance(kid, str) else None
         if key is None:
             _refuse("no published key has this kid")
+    claims = _verify_access_token(encoded, key, keyring.algorithm)
+    if verified is not None and isinstance(claims["exp"], int):
+        if len(verified) >= VERIFIED_TOKENS_KEPT:
+            verified.clear()  # bounded; the tokens in use come back at their next request
+        verified[encoded] = (key, claims["exp"], dict(claims))
+    return claims
+
+
+# How many verified access tokens each process remembers (KeyRing.verified).
+VERIFIED_TOKENS_KEPT = 4096
+
+
+def _verify_access_token(encoded: str, key: Key, algorithm: str) -> dict[str, Any]:
+    """decode_access_token's checks of one token with the key that must verify it."""
     try:
-        decoded = _decode(encoded, key, keyring.algorithm, verify_exp=True)
+        decoded = _decode(encoded, key, algorithm, verify_exp=True)
     except jwt.ExpiredSignatureError as expired:
         # As before the signature: a token of the wrong shape is INVALID_TOKEN, even expired.
-        late = _decode(encoded, key, keyring.algorithm, verify_exp=False)
+        late = _decode(encoded, key, algorithm, verify_exp=False)
         _check_kid(late["header"], key)
-        check_shape(late["header"], late["payload"], keyring.algorithm)
+        check_shape(late["header"], late["payload"], algorithm)
         expired.jwt_header, expired.jwt_data = late["header"], late["payload"]  # type: ignore[attr-defined]
         raise
     claims = decoded["payload"]
     _check_kid(decoded["header"], key)
-    check_shape(decoded["header"], claims, keyring.algorithm)
+    check_shape(decoded["header"], claims, algorithm)
     if claims["type"] != "access":
         _refuse("not an access token")
     return claims
