@@ -155,26 +155,45 @@ def used_database() -> bool:
     return _used_in_request.get()
 
 
-@contextmanager
-def _through_breaker() -> Iterator[None]:
+class _through_breaker:  # noqa: N801  (used as `with _through_breaker():`, as a function would be)
     """Run a block that reaches the database through the breaker, with its failures in
     the envelope: an open breaker answers 503 CIRCUIT_BREAKER_OPEN without touching the
     database; losing the database answers 503 SERVICE_UNAVAILABLE; any other error
-    propagates."""
-    scope = _in_unit_of_work.set(True)
-    _used_in_request.set(True)
-    try:
-        with breaker().guard():
-            yield
-    except BreakerOpen as exc:
-        # The probe checks again well before the breaker's own timeout: say so.
-        retry_after = min(exc.retry_after, probe().retry_after())
-        raise CircuitBreakerOpen(headers={"Retry-After": str(retry_after)}) from None
-    except Exception as exc:
+    propagates.
+
+    The breaker through its public calls (`before_call`, `record_success`,
+    `record_failure`: what its `guard()` does) in a plain context manager: every request
+    that reads a session passes here, and two generator-based context managers cost more
+    than the calls themselves."""
+
+    __slots__ = ("_breaker", "_scope")
+
+    def __enter__(self) -> None:
+        self._breaker = current_app.extensions[_EXTENSION]
+        _used_in_request.set(True)
+        try:
+            self._breaker.before_call()
+        except BreakerOpen as exc:
+            # The probe checks again well before the breaker's own timeout: say so.
+            retry_after = min(exc.retry_after, probe().retry_after())
+            raise CircuitBreakerOpen(headers={"Retry-After": str(retry_after)}) from None
+        self._scope = _in_unit_of_work.set(True)
+
+    def __exit__(self, _type: Any, exc: BaseException | None, _traceback: Any) -> None:
+        _in_unit_of_work.reset(self._scope)
+        if exc is None:
+            self._breaker.record_success()
+            return
+        if is_connectivity_error(exc):
+            self._breaker.record_failure()
+        else:
+            self._breaker.record_success()
+        if not isinstance(exc, Exception):
+            return  # KeyboardInterrupt, GeneratorExit...: as they are
         if is_read_only_error(exc):
             # Reads still succeed and would reset the count: every write fails until the
             # database takes writes again (the probe checks that).
-            breaker().trip()
+            self._breaker.trip()
             _log_database_error(exc)
             raise WritesRefused(headers={"Retry-After": RETRY_AFTER_SECONDS}) from exc
         if is_connectivity_error(exc):
@@ -190,9 +209,6 @@ def _through_breaker() -> Iterator[None]:
                 sqlstate=sqlstate(exc),
             )
             raise SchemaOutdated(headers={"Retry-After": RETRY_AFTER_SECONDS}) from exc
-        raise
-    finally:
-        _in_unit_of_work.reset(scope)
 
 
 @contextmanager
