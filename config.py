@@ -176,6 +176,7 @@ SPEEDUP_NAMES = (
     "limiter_hooks",
     "hmac_keys",
     "verified_tokens",
+    "app_hooks",
 )
 
 

@@ -50,6 +50,14 @@ it was written for) logs a warning and leaves the library's own code in place.
   that key is still the one its kid names. The session is read on every request all the
   same: revocation stays immediate. Per app.
 
+- `app_hooks`: Flask's `preprocess_request` (a documented method to override) walks
+  the request's blueprints twice to find their URL value preprocessors and before-request
+  hooks; this app has neither for a blueprint, only its own before-request hooks, which
+  are then called as Flask calls them (when that no longer holds, Flask's own method
+  runs). And Flask-SQLAlchemy's teardown removes the request's session even when the
+  request made none, at the price of a KeyError raised and caught inside SQLAlchemy's
+  scoped session: here the teardown removes it only when there is one. Per app.
+
 Not switched, since they run when the views are decorated (at import, before any app
 exists): `documentation_only`. flask-smorest's `doc` and `alt_response` only add to a
 view's OpenAPI description, yet each wraps the view in a function that looks up
@@ -80,7 +88,15 @@ from jwt.utils import force_bytes
 
 log = logging.getLogger("authapp.speedups")
 
-NAMES = ("sync_callables", "lean_log_records", "pyjwt_segments", "limiter_hooks", "hmac_keys", "verified_tokens")
+NAMES = (
+    "sync_callables",
+    "lean_log_records",
+    "pyjwt_segments",
+    "limiter_hooks",
+    "hmac_keys",
+    "verified_tokens",
+    "app_hooks",
+)
 
 # -- sync_callables -----------------------------------------------------------------------
 
@@ -272,6 +288,47 @@ def remember_verified_tokens(app: Flask, on: bool) -> bool:
     return on
 
 
+# -- app_hooks -----------------------------------------------------------------------------
+
+
+def lean_app_hooks(app: Flask) -> bool:
+    """`app.preprocess_request` without the blueprint walk while only app-wide
+    before-request hooks exist, and Flask-SQLAlchemy's teardown only when a session was
+    made; True when both are in place."""
+    from flask_sqlalchemy import SQLAlchemy
+
+    from .extensions import db
+
+    if app.extensions.get("authapp.app_hooks"):
+        return True  # installed already (install() called again)
+    flask_preprocess = app.preprocess_request
+    url_value_preprocessors, before = app.url_value_preprocessors, app.before_request_funcs
+
+    def preprocess_request() -> Any:
+        if url_value_preprocessors or len(before) > 1 or (before and None not in before):
+            return flask_preprocess()  # a blueprint's hook or a URL value preprocessor: Flask's walk
+        for before_func in before.get(None, ()):
+            rv = app.ensure_sync(before_func)()
+            if rv is not None:
+                return rv
+        return None
+
+    teardowns = app.teardown_appcontext_funcs
+    theirs = [i for i, f in enumerate(teardowns) if getattr(f, "__func__", None) is SQLAlchemy._teardown_session]
+    if len(theirs) != 1:
+        return False
+    session = db.session
+
+    def teardown_session(_exc: BaseException | None) -> None:
+        if session.registry.has():  # what scoped_session.remove() then does, without the KeyError
+            session.remove()
+
+    teardowns[theirs[0]] = teardown_session
+    app.preprocess_request = preprocess_request  # type: ignore[method-assign]
+    app.extensions["authapp.app_hooks"] = True
+    return True
+
+
 # -- documentation_only ------------------------------------------------------------------
 
 SMOREST_WRITTEN_FOR = "0.47.0"
@@ -324,6 +381,7 @@ def install(app: Flask, wanted: tuple[str, ...]) -> dict[str, bool]:
         "limiter_hooks": "limiter_hooks" in wanted and drop_limiter_hooks(app, limiter),
         "hmac_keys": "hmac_keys" in wanted and remember_hmac_keys(app),
         "verified_tokens": remember_verified_tokens(app, "verified_tokens" in wanted),
+        "app_hooks": "app_hooks" in wanted and lean_app_hooks(app),
     }
     # Process-wide ones are switched both ways, so that an app made without them gets the
     # library's own code back.

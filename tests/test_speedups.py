@@ -15,6 +15,7 @@ from helpers import assert_error, base_settings, bearer
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from jwt.api_jws import PyJWS
+from sqlalchemy import text
 
 from authapp import create_app, speedups
 from authapp.extensions import limiter
@@ -48,6 +49,7 @@ def test_a_list_names_the_ones_to_use(database_url):
             "limiter_hooks": False,
             "hmac_keys": False,
             "verified_tokens": False,
+            "app_hooks": False,
         }
     finally:
         speedups.install(app, speedups.NAMES)
@@ -570,3 +572,51 @@ def test_verified_tokens_are_bounded_and_off_with_the_speedup(app, client, token
         assert off.extensions["authapp_keys"].verified is None
     finally:
         speedups.install(app, speedups.NAMES)
+
+
+# -- app_hooks ------------------------------------------------------------------------------
+
+
+def test_app_hooks_call_the_before_request_hooks_as_flask_does(database_url):
+    """App-wide hooks run in order and one that answers ends the request; a blueprint's
+    hook (or a URL value preprocessor) hands the request back to Flask's own walk."""
+    from flask import Blueprint, request
+
+    for with_blueprint in (False, True):
+        app = create_app(base_settings(DATABASE_URL=database_url))
+        assert app.extensions["authapp.speedups"]["app_hooks"] and "preprocess_request" in vars(app)
+        seen: list[str] = []
+
+        def app_wide(seen=seen):
+            seen.append("app")
+            return ("stop", 418) if request.path == "/health/live/x" else None
+
+        app.before_request(app_wide)
+        if with_blueprint:
+            late = Blueprint("late", __name__)
+            late.before_request(lambda seen=seen: seen.append("blueprint"))
+            late.add_url_rule("/late", view_func=lambda: "late")
+            app.register_blueprint(late)
+        client = app.test_client()
+        assert client.post("/auth/logout-all", data="x", content_type="text/plain").status_code == 415  # check_body
+        assert seen == []  # check_body answered first
+        assert client.get("/health/live").status_code == 200 and seen == ["app"]
+        assert client.get("/health/live/x").status_code == 418
+        if with_blueprint:
+            seen.clear()
+            assert client.get("/late").get_data(as_text=True) == "late" and seen == ["app", "blueprint"]
+
+
+def test_app_hooks_remove_a_session_the_request_made_and_skip_one_it_did_not(app, client, tokens):
+    from authapp.extensions import db
+
+    with app.app_context():
+        db.session.execute(text("SELECT 1"))
+        assert db.session.registry.has()
+    with app.app_context():
+        assert not db.session.registry.has()  # removed at the end of the context before
+    assert client.get("/health/live").status_code == 200  # none made: nothing to remove
+    assert client.post("/auth/logout-all", headers=bearer(tokens["access_token"])).status_code == 204
+    with app.app_context():
+        assert not db.session.registry.has()
+    assert speedups.install(app, speedups.NAMES)["app_hooks"]  # again: still in place, no warning
