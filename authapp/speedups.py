@@ -86,17 +86,12 @@ from jwt.algorithms import HMACAlgorithm
 from jwt.exceptions import DecodeError
 from jwt.utils import force_bytes
 
+from config import SPEEDUP_NAMES
+
 log = logging.getLogger("authapp.speedups")
 
-NAMES = (
-    "sync_callables",
-    "lean_log_records",
-    "pyjwt_segments",
-    "limiter_hooks",
-    "hmac_keys",
-    "verified_tokens",
-    "app_hooks",
-)
+# The names SPEEDUPS takes (config.py parses the setting).
+NAMES = SPEEDUP_NAMES
 
 # -- sync_callables -----------------------------------------------------------------------
 
