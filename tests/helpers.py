@@ -138,3 +138,16 @@ def _recording_cursor(sent: list[str]) -> type:
             return super().execute(query, vars)
 
     return RecordingCursor
+
+
+def pyjwt_decodes(monkeypatch: Any) -> list[str]:
+    """The tokens PyJWT's `decode_complete` is given from now on (each call, in order)."""
+    calls: list[str] = []
+    real = jwt.decode_complete
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode_complete", counted)
+    return calls

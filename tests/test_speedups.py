@@ -11,7 +11,7 @@ import jwt
 import pytest
 from flask import Flask
 from flask_limiter import Limiter
-from helpers import assert_error, base_settings, bearer
+from helpers import assert_error, base_settings, bearer, pyjwt_decodes
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from jwt.api_jws import PyJWS
@@ -235,19 +235,21 @@ def test_limiter_hooks_with_the_limits_off(app):
 # -- The hot path's own: the user out, the liveness body, the security headers ---------------
 
 _WHEN = st.datetimes(timezones=st.just(UTC), min_value=datetime(1970, 1, 2), max_value=datetime(9998, 1, 1))
+# A session check's user and level, as the serializers take them.
+_USER_ROW = {
+    "user_id": st.integers(min_value=1, max_value=2**53),
+    "text": st.text(max_size=40),
+    "active": st.booleans(),
+    "created": _WHEN,
+    "last_login": st.none() | _WHEN,
+    "verified": st.none() | _WHEN,
+    "mfa_since": st.none() | _WHEN,
+    "aal": st.sampled_from(["aal1", "aal2"]),
+}
 
 
 @settings(max_examples=300, deadline=None)
-@given(
-    user_id=st.integers(min_value=1, max_value=2**53),
-    text=st.text(max_size=40),
-    active=st.booleans(),
-    created=_WHEN,
-    last_login=st.none() | _WHEN,
-    verified=st.none() | _WHEN,
-    mfa_since=st.none() | _WHEN,
-    aal=st.sampled_from(["aal1", "aal2"]),
-)
+@given(**_USER_ROW)
 def test_the_prebuilt_user_serializer_agrees_with_user_schema(
     user_id, text, active, created, last_login, verified, mfa_since, aal
 ):
@@ -273,17 +275,7 @@ def test_the_prebuilt_user_serializer_has_every_field_of_the_schema(client, toke
 
 
 @settings(max_examples=200, deadline=None)
-@given(
-    user_id=st.integers(min_value=1, max_value=2**53),
-    text=st.text(max_size=40),
-    active=st.booleans(),
-    created=_WHEN,
-    last_login=st.none() | _WHEN,
-    verified=st.none() | _WHEN,
-    mfa_since=st.none() | _WHEN,
-    aal=st.sampled_from(["aal1", "aal2"]),
-    expires_in=st.integers(min_value=0, max_value=2**31),
-)
+@given(**_USER_ROW, expires_in=st.integers(min_value=0, max_value=2**31))
 def test_the_prebuilt_token_response_serializer_agrees_with_its_schema(
     user_id, text, active, created, last_login, verified, mfa_since, aal, expires_in
 ):
@@ -514,22 +506,9 @@ def test_documentation_only_leaves_no_wrapper_and_the_same_description():
 # -- verified_tokens ----------------------------------------------------------------------
 
 
-def _decodes(monkeypatch) -> list[str]:
-    """The tokens PyJWT decodes from now on."""
-    calls: list[str] = []
-    real = jwt.decode_complete
-
-    def counted(*args, **kwargs):
-        calls.append(args[0])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(jwt, "decode_complete", counted)
-    return calls
-
-
 def test_a_verified_token_is_not_decoded_again_and_its_session_still_is(app, client, tokens, monkeypatch):
     access = bearer(tokens["access_token"])
-    decodes = _decodes(monkeypatch)
+    decodes = pyjwt_decodes(monkeypatch)
     for _ in range(3):
         assert client.get("/auth/me", headers=access).get_json() == tokens["user"]
     assert decodes == [tokens["access_token"]]  # verified once, by the first request
@@ -545,13 +524,12 @@ def test_a_verified_token_is_checked_again_once_expired_or_its_key_changed(app, 
     keyring = app.extensions["authapp_keys"]
     key, exp, claims = keyring.verified[tokens["access_token"]]
     assert claims["sid"] and keyring.still_verifies(key, exp)
-    decodes = _decodes(monkeypatch)
     monkeypatch.setattr(keys.time, "time", lambda: exp + 0.5)  # PyJWT's clock is its own: the rule only
     assert not keyring.still_verifies(key, exp)
     monkeypatch.undo()
     other = keys.Key(key.kid, key.algorithm, key.state, key.verifier, key.signer)  # a reloaded set's key
     assert not keyring.still_verifies(other, exp)
-    decodes = _decodes(monkeypatch)
+    decodes = pyjwt_decodes(monkeypatch)
     keyring.verified[tokens["access_token"]] = (other, exp, claims)
     assert client.get("/auth/me", headers=access).status_code == 200
     assert decodes == [tokens["access_token"]]  # verified again, and remembered with its key

@@ -8,7 +8,7 @@ import time
 
 import jwt
 import pytest
-from helpers import SECRET, assert_error, bearer
+from helpers import SECRET, assert_error, bearer, pyjwt_decodes
 
 from authapp.auth.keys import hmac_kid
 
@@ -130,14 +130,7 @@ def test_other_schemes_are_still_missing_tokens(client, tokens, header):
 def test_a_protected_request_decodes_its_token_once(app, client, tokens, monkeypatch):
     import flask_jwt_extended.jwt_manager
 
-    calls = []
-    pyjwt = jwt.decode_complete
-
-    def counted(*args, **kwargs):
-        calls.append(args[0])
-        return pyjwt(*args, **kwargs)
-
-    monkeypatch.setattr(jwt, "decode_complete", counted)
+    calls = pyjwt_decodes(monkeypatch)
     monkeypatch.setattr(jwt, "decode", lambda *a, **k: pytest.fail("a second decode"))
     monkeypatch.setattr(
         flask_jwt_extended.jwt_manager.JWTManager,
@@ -151,14 +144,7 @@ def test_a_protected_request_decodes_its_token_once(app, client, tokens, monkeyp
 def test_a_refresh_decodes_its_token_once(app, client, tokens, monkeypatch):
     import flask_jwt_extended.jwt_manager
 
-    calls = []
-    pyjwt = jwt.decode_complete
-
-    def counted(*args, **kwargs):
-        calls.append(args[0])
-        return pyjwt(*args, **kwargs)
-
-    monkeypatch.setattr(jwt, "decode_complete", counted)
+    calls = pyjwt_decodes(monkeypatch)
     monkeypatch.setattr(jwt, "decode", lambda *a, **k: pytest.fail("a second decode"))
     monkeypatch.setattr(jwt, "get_unverified_header", lambda *a, **k: pytest.fail("the header read apart"))
     monkeypatch.setattr(
