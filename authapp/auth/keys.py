@@ -388,7 +388,7 @@ class KeyRing:
             key = self._reload(keyset, forced=True).keys.get(kid)
         return key
 
-    def still_verifies(self, key: Key, exp: int, _claims: Any = None) -> bool:
+    def still_verifies(self, key: Key, exp: int) -> bool:
         """Whether an access token that `key` verified, expiring at `exp`, would verify
         again now: not expired (PyJWT's rule: whole seconds, `exp` > now) and `key` still
         the one its kid names (a reloaded key set has new keys: the token is checked again)."""
@@ -557,7 +557,7 @@ def decode_access_token(encoded: str) -> dict[str, Any]:
     verified = keyring.verified
     if verified is not None:
         known = verified.get(encoded)
-        if known is not None and keyring.still_verifies(*known):
+        if known is not None and keyring.still_verifies(known[0], known[1]):
             return dict(known[2])
     key = keyring.sole_hmac_key()
     if key is None:  # several keys: the header's kid names the one to verify with
