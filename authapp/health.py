@@ -7,7 +7,7 @@ import logging
 
 from . import schema_version
 from .clock import iso_now
-from .database import UPGRADE_HINT, SchemaOutdated, breaker, unit_of_work
+from .database import UPGRADE_HINT, DatabaseReadOnly, SchemaOutdated, breaker, probe, unit_of_work
 from .errors import AppError
 from .lograte import ThrottledLog
 from .openapi import Blueprint, version
@@ -67,7 +67,9 @@ def _check_database() -> str:
     except SchemaOutdated:
         problem = f"the database has no schema: {UPGRADE_HINT}"
     except AppError:
-        return "error"
+        # The breaker is open (or the database did not answer): what the background probe
+        # last saw says whether it is down or up but refusing writes.
+        return "read_only" if probe().last_failure is DatabaseReadOnly else "error"
     else:
         if read_only:
             return "read_only"

@@ -61,7 +61,8 @@ class DatabaseProbe:
         self._pid = os.getpid()
         self._next_check_at = 0.0
         self.checks = 0
-        self.last_error: str | None = None
+        self.last_error: str | None = None  # what the last failed check said (None: none failed)
+        self.last_failure: type[BaseException] | None = None
 
     def _on_transition(self, _old: State, new: State) -> None:
         # Runs under the breaker's lock: only wake the thread, never check from here.
@@ -121,9 +122,11 @@ class DatabaseProbe:
                         extra={"event": "database_probe_failed", "reason": reason},
                     )
                 self.last_error = reason
+                self.last_failure = type(exc)
                 interval = min(interval * 2, self.max_interval)
                 continue
             self.last_error = None
+            self.last_failure = None
             if self._on_recovered is not None:
                 try:
                     self._on_recovered()

@@ -22,6 +22,7 @@ from datetime import timedelta
 from typing import Any
 
 import flask_migrate
+import pgbouncer
 import pytest
 import skips
 from flask import Flask
@@ -50,6 +51,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         choices=HEAVY_MARKERS,
         dest="with_markers",
         help="also run the tests of a heavier suite (repeatable)",
+    )
+    parser.addoption(
+        "--pgbouncer",
+        action="store_true",
+        help="run the PostgreSQL tests through a PgBouncer in transaction mode (tests/pgbouncer.py)",
     )
 
 
@@ -114,6 +120,18 @@ def sqlite_template(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def pgbouncer_port(request) -> Iterator[int | None]:
+    """With --pgbouncer, the port of the session's PgBouncer; otherwise None."""
+    if not request.config.getoption("pgbouncer"):
+        yield None
+        return
+    if not pgbouncer.available():
+        pytest.fail("--pgbouncer needs Debian's pgbouncer")
+    with pgbouncer.running(TEST_DATABASE_URL, pool_size=10) as port:
+        yield port
+
+
+@pytest.fixture(scope="session")
 def pg_template() -> Iterator[str]:
     name = f"authapp_test_tmpl_{os.getpid()}"
     migrate(pg_create_database(name))
@@ -132,8 +150,9 @@ def fresh_database(backend: str, request: pytest.FixtureRequest, tmp_path) -> It
     template = request.getfixturevalue("pg_template")
     name = f"authapp_test_{os.getpid()}_{next(_counter)}"
     url = pg_create_database(name, template=template)
+    port = request.getfixturevalue("pgbouncer_port")
     try:
-        yield url
+        yield url if port is None else pgbouncer.through(url, port)
     finally:
         pg_drop_database(name)
 

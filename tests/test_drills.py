@@ -237,6 +237,9 @@ def test_a_read_only_database_is_503_with_retry_after_opens_the_breaker_and_read
     with app.app_context():
         assert database.breaker().state.value == "open", "the probe does not close it while writes are refused"
         assert "read-only" in database.probe().last_error
+    health = client.get("/health")
+    assert health.status_code == 503
+    assert health.get_json()["checks"] == {"database": "read_only", "circuit_breaker": "open"}, "the probe's view"
 
     with cluster.admin() as conn, conn.cursor() as cur:
         cur.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')

@@ -6,15 +6,12 @@ free port in front of the shared PostgreSQL (a database of the test's own)."""
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import flask_migrate
+import pgbouncer as bouncer
 import pgcluster
 import pytest
 from helpers import PASSWORD, TEST_DATABASE_URL, assert_error, base_settings, bearer, wait_until
@@ -24,64 +21,18 @@ from authapp import create_app, database
 from authapp.extensions import db
 from devtools.postgres import admin_connection
 
-PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 pytestmark = [
     pytest.mark.faults,
     pytest.mark.skipif(not TEST_DATABASE_URL, reason="PostgreSQL skipped: TEST_DATABASE_URL not set"),
-    pytest.mark.skipif(not os.path.exists(PGBOUNCER), reason="needs Debian's pgbouncer"),
+    pytest.mark.skipif(not bouncer.available(), reason="needs Debian's pgbouncer"),
 ]
 
 
 @pytest.fixture(scope="module")
 def pgbouncer() -> Iterator[int]:
     """PgBouncer in transaction mode on a free port; yields the port."""
-    upstream = make_url(TEST_DATABASE_URL)
-    root = Path(tempfile.mkdtemp(prefix="authapp-pgbouncer-"))
-    port = pgcluster.free_port()
-    (root / "userlist.txt").write_text(f'"{upstream.username or "postgres"}" ""\n')
-    (root / "pgbouncer.ini").write_text(
-        "[databases]\n"
-        f"* = host={upstream.host or '127.0.0.1'} port={upstream.port or 5432}\n"
-        "[pgbouncer]\n"
-        "listen_addr = 127.0.0.1\n"
-        f"listen_port = {port}\n"
-        "unix_socket_dir =\n"
-        "auth_type = trust\n"
-        f"auth_file = {root / 'userlist.txt'}\n"
-        "pool_mode = transaction\n"
-        "default_pool_size = 4\n"
-        "max_client_conn = 200\n"
-        f"logfile = {root / 'pgbouncer.log'}\n"
-    )
-    if os.geteuid() == 0:
-        for path in (root, root / "userlist.txt", root / "pgbouncer.ini"):
-            shutil.chown(path, pgcluster.SERVER_USER, pgcluster.SERVER_USER)
-    process = subprocess.Popen(
-        pgcluster.as_server_user([PGBOUNCER, str(root / "pgbouncer.ini")]),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_until(lambda: _accepts(port) or process.poll() is not None, 10, "pgbouncer to listen")
-        assert process.poll() is None, (root / "pgbouncer.log").read_text()
+    with bouncer.running(TEST_DATABASE_URL) as port:
         yield port
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _accepts(port: int) -> bool:
-    import socket
-
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.fixture
@@ -89,7 +40,7 @@ def bounced_database(pgbouncer) -> Iterator[tuple[str, str]]:
     """(URL through PgBouncer, direct URL) of a new, empty database."""
     name = f"authapp_test_{os.getpid()}_bouncer_{time.monotonic_ns() % 10**6}"
     direct = pgcluster.create_empty_database(TEST_DATABASE_URL, name)
-    bounced = make_url(direct).set(host="127.0.0.1", port=pgbouncer).render_as_string(hide_password=False)
+    bounced = bouncer.through(direct, pgbouncer)
     yield bounced, direct
     pgcluster.drop_database(TEST_DATABASE_URL, name)
 
