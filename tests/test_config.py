@@ -148,6 +148,30 @@ def test_the_pool_keeps_as_many_connections_as_the_worker_has_threads(threads, c
     assert "options" not in options["connect_args"], "PgBouncer refuses a startup options parameter"
 
 
+@pytest.mark.parametrize(
+    ("opt", "threads"),
+    [
+        ({"threads": b"2"}, 2),
+        ({"threads": [b"4", b"8"]}, 8),
+        ({}, 1),
+        ({"threads": b"0"}, 1),
+        ({"threads": b"x"}, None),
+    ],
+)
+def test_the_thread_count_is_read_from_uwsgi(monkeypatch, opt, threads):
+    """uWSGI's `uwsgi` module exists only inside uWSGI: its options as uWSGI gives them
+    (bytes; a list when an option is given twice, the last one wins)."""
+    import types
+
+    from config import worker_threads
+
+    monkeypatch.setitem(sys.modules, "uwsgi", types.SimpleNamespace(opt=opt))
+    assert worker_threads() == threads
+    settings = load_settings({"DATABASE_URL": "postgresql://u@h/db", "JWT_SECRET_KEY": SECRET})
+    kept = build_flask_config(settings)["SQLALCHEMY_ENGINE_OPTIONS"]["pool_size"]
+    assert kept == (threads or 5)
+
+
 def test_redis_storage_gets_timeouts_and_memory_none():
     redis = build_flask_config(load_settings({"RATELIMIT_STORAGE_URI": "redis://h:6379", "JWT_SECRET_KEY": SECRET}))
     assert redis["RATELIMIT_STORAGE_OPTIONS"] == {"socket_timeout": 0.1, "socket_connect_timeout": 0.1}
