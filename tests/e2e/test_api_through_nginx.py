@@ -234,3 +234,44 @@ def test_app_logs_are_json_lines_without_secrets_and_none_is_lost(api, stack):
             if (entry := app_log_entry(line)).get("event") == "request"
         }
     assert not missing
+
+
+def test_database_connections_peak_at_instances_times_processes_times_threads(api, stack, admin_url):
+    """The peak the docs' arithmetic gives (resilience.md, "Connections"), measured: every
+    instance's every worker busy on every thread, and the server's connections to the
+    stack's database counted every 20 ms (one more for the mail courier)."""
+    import os
+    import threading
+
+    from sqlalchemy.engine import make_url
+
+    from devtools.postgres import admin_connection
+    from devtools.stack import traffic
+
+    user = api.register()
+    me = ("GET", "/auth/me", None, {"Authorization": f"Bearer {user['access_token']}"})
+    login = ("POST", "/auth/login", {"username": user["user"]["username"], "password": PASSWORD}, {})
+    database = make_url(stack.database_url).database
+    counts: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        with admin_connection(make_url(admin_url)) as conn, conn.cursor() as cur:
+            while not done.is_set():
+                cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (database,))
+                counts.append(cur.fetchone()[0])
+                time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        outcomes = traffic(stack.https_url, [me, me, me, login], threads=48, seconds=6, tls=stack.tls_context())
+    finally:
+        done.set()
+        sampler.join(timeout=10)
+    assert outcomes and all(o.status == 200 for o in outcomes), {o.status for o in outcomes}
+    bound = stack.instances * (os.cpu_count() or 1) * 2  # uwsgi.ini: processes = %k, threads = 2
+    assert counts, "no sample taken"
+    assert max(counts) <= bound + 1, (max(counts), bound)
+    print(f"\n{len(outcomes)} requests; connections to the database: peak {max(counts)} of "
+          f"{bound} (+1 for the courier), {len(counts)} samples")  # fmt: skip
