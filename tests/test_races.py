@@ -1,5 +1,6 @@
-"""A credential checked before a password change or a deactivation never yields a session
-after it: the login (or change-password) whose bcrypt check raced one of them fails.
+"""A credential checked before a password change, a reset or a deactivation never yields a
+session, nor any other write, after it: the login, change-password, change of address, MFA
+setup, MFA disable or new recovery codes whose bcrypt check raced one of them fails.
 
 The interleaving is injected, not left to luck: the password check is wrapped so that,
 right after bcrypt said yes and before the request writes anything, another request (in a
@@ -12,14 +13,19 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 
+import pyotp
 import pytest
 from helpers import PASSWORD, assert_error, bearer
 from sqlalchemy import select
 
-from authapp.auth import passwords
+from authapp import clock
+from authapp.auth import links, passwords
+from authapp.database import unit_of_work
 from authapp.extensions import db
-from authapp.models import AuthSession, User
+from authapp.mail import outbox
+from authapp.models import AuthSession, MfaRecoveryCode, MfaTotp, OneTimeToken, OutboxMessage, User
 
 NEW_PASSWORD = "granite-meadow-lantern-7"
 
@@ -142,6 +148,123 @@ def test_of_two_racing_password_changes_only_the_first_wins(app, client, tokens,
     assert_error(raced, 401, "INVALID_CREDENTIALS")
     assert login(client, "second-quarry-willow-3").status_code == 200
     assert_error(login(client, NEW_PASSWORD), 401, "INVALID_CREDENTIALS")
+
+
+def test_login_racing_a_password_reset_fails(app, client, tokens, between_bcrypt_and_write):
+    with app.app_context(), unit_of_work() as session:
+        token = links.issue(
+            session, links.PASSWORD_RESET, tokens["user"]["id"], "alice@example.com", clock.now(), timedelta(hours=1)
+        )
+    reset: list[int] = []
+    between_bcrypt_and_write(
+        lambda: reset.append(
+            client.post("/auth/password-reset", json={"token": token, "new_password": NEW_PASSWORD}).status_code
+        )
+    )
+    raced = login(client)
+    assert reset == [200]
+    assert_error(raced, 401, "INVALID_CREDENTIALS")
+    # only the reset's own session is live, and only the new password works
+    assert live_sessions(app) == 1
+    assert_error(login(client), 401, "INVALID_CREDENTIALS")
+    assert login(client, NEW_PASSWORD).status_code == 200
+
+
+# -- Writes other than a session: each checks the current password, then writes ----------
+
+
+def test_a_change_of_address_racing_a_password_change_fails(app, client, tokens, between_bcrypt_and_write):
+    # Someone holds a session and the old password; the account holder changes it.
+    other = login(client).get_json()
+    changed: list[int] = []
+    between_bcrypt_and_write(lambda: changed.append(change_password(client, tokens["access_token"]).status_code))
+    raced = client.post(
+        "/auth/change-email",
+        headers=bearer(other["access_token"]),
+        json={"new_email": "attacker@example.com", "current_password": PASSWORD},
+    )
+    assert changed == [200]
+    assert_error(raced, 401, "INVALID_CREDENTIALS")
+    # no link to the other address was queued, and none waits to be used
+    with app.app_context():
+        assert db.session.scalars(select(OneTimeToken.id).where(OneTimeToken.kind == links.CHANGE_EMAIL)).all() == []
+        to_attacker = OutboxMessage.recipient_key == outbox.recipient_key("attacker@example.com")
+        assert db.session.scalars(select(OutboxMessage.id).where(to_attacker)).all() == []
+
+
+def turn_mfa_on(client, access: str) -> list[str]:
+    """MFA on for alice, from the session of `access`; returns the recovery codes."""
+    setup = client.post("/auth/mfa/totp/setup", headers=bearer(access), json={"current_password": PASSWORD})
+    assert setup.status_code == 200, setup.get_json()
+    code = pyotp.TOTP(setup.get_json()["secret"]).now()
+    enabled = client.post("/auth/mfa/totp/enable", headers=bearer(access), json={"code": code})
+    assert enabled.status_code == 200, enabled.get_json()
+    return enabled.get_json()["recovery_codes"]
+
+
+def second_session(client, recovery_code: str) -> str:
+    """The access token of another aal2 session of alice (old password, a recovery code)."""
+    challenge = login(client).get_json()["mfa_token"]
+    verified = client.post("/auth/mfa/verify", json={"mfa_token": challenge, "recovery_code": recovery_code})
+    assert verified.status_code == 200, verified.get_json()
+    return verified.get_json()["access_token"]
+
+
+def recovery_code_hashes(app) -> set[str]:
+    with app.app_context():
+        return set(db.session.scalars(select(MfaRecoveryCode.code_hash)).all())
+
+
+def test_mfa_disable_racing_a_password_change_fails(app, client, tokens, between_bcrypt_and_write):
+    codes = turn_mfa_on(client, tokens["access_token"])
+    other = second_session(client, codes[0])
+    changed: list[dict] = []
+    between_bcrypt_and_write(lambda: changed.append(change_password(client, tokens["access_token"]).get_json()))
+    raced = client.post("/auth/mfa/disable", headers=bearer(other), json={"current_password": PASSWORD})
+    assert len(changed) == 1 and "access_token" in changed[0], changed
+    assert raced.status_code == 401, raced.status_code  # a 204 has no body to show
+    assert_error(raced, 401, "INVALID_CREDENTIALS")
+    # MFA is still on, and the change's own session (aal2) was not ended
+    me = client.get("/auth/me", headers=bearer(changed[0]["access_token"]))
+    assert me.status_code == 200 and me.get_json()["mfa_enabled"] is True
+    assert live_sessions(app) == 1
+
+
+def test_new_recovery_codes_racing_a_password_change_fail(app, client, tokens, between_bcrypt_and_write):
+    codes = turn_mfa_on(client, tokens["access_token"])
+    other = second_session(client, codes[0])
+    before = recovery_code_hashes(app)
+    changed: list[int] = []
+    between_bcrypt_and_write(lambda: changed.append(change_password(client, tokens["access_token"]).status_code))
+    raced = client.post("/auth/mfa/recovery-codes", headers=bearer(other), json={"current_password": PASSWORD})
+    assert changed == [200]
+    assert_error(raced, 401, "INVALID_CREDENTIALS")
+    assert recovery_code_hashes(app) == before  # the account holder's codes, not a new set
+
+
+def test_mfa_setup_racing_a_password_change_fails(app, client, tokens, between_bcrypt_and_write):
+    other = login(client).get_json()
+    changed: list[int] = []
+    between_bcrypt_and_write(lambda: changed.append(change_password(client, tokens["access_token"]).status_code))
+    raced = client.post(
+        "/auth/mfa/totp/setup", headers=bearer(other["access_token"]), json={"current_password": PASSWORD}
+    )
+    assert changed == [200]
+    assert_error(raced, 401, "INVALID_CREDENTIALS")
+    with app.app_context():
+        assert db.session.scalars(select(MfaTotp.user_id)).all() == []  # no pending secret stored
+
+
+def test_a_change_of_address_racing_a_deactivation_fails(app, client, tokens, between_bcrypt_and_write):
+    between_bcrypt_and_write(lambda: cli(app, "users", "deactivate", "alice"))
+    raced = client.post(
+        "/auth/change-email",
+        headers=bearer(tokens["access_token"]),
+        json={"new_email": "new@example.com", "current_password": PASSWORD},
+    )
+    assert_error(raced, 401, "INVALID_CREDENTIALS")
+    with app.app_context():
+        assert db.session.scalars(select(OneTimeToken.id).where(OneTimeToken.kind == links.CHANGE_EMAIL)).all() == []
 
 
 # -- The race suite: a real server, real threads, the production-like bcrypt cost ---------

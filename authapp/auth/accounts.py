@@ -203,6 +203,16 @@ def _asking_session(db: Session, auth: AuthContext) -> tuple[str, tuple[str, ...
     return aal, tuple(amr.split())
 
 
+def still_checked(db: Session, auth: AuthContext, checked_hash: str) -> tuple[str, tuple[str, ...]]:
+    """In the unit of work that writes after `check_current_password`: the user's row
+    locked, its hash still `checked_hash` and the user still active (CredentialsChanged
+    otherwise: a change, reset or deactivation came first), and the asking session
+    re-read as `_asking_session` does. Returns that session's level."""
+    if not write_if_unchanged(db, auth.user_id, checked_hash, {"hashed_password": checked_hash}):
+        raise CredentialsChanged()
+    return _asking_session(db, auth)
+
+
 def replace_password(
     user: Any,
     password: str,

@@ -21,6 +21,8 @@ import hmac
 import io
 import logging
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -161,10 +163,28 @@ def _require_aal2(auth: AuthContext) -> None:
         raise MfaRequired()
 
 
-def _check_password(auth: AuthContext, current_password: str, action: str) -> None:
-    """The current password, or INVALID_CREDENTIALS counted as a failed login."""
-    accounts.check_current_password(auth, current_password, audit.MFA_CHANGE_FAILED, action=action)
-    ratelimit.clear_failures(ratelimit.account_key(auth.user_id, ""))
+def _check_password(auth: AuthContext, current_password: str, action: str) -> str:
+    """The stored hash, once `current_password` is shown to be the current one;
+    INVALID_CREDENTIALS counted as a failed login otherwise."""
+    return accounts.check_current_password(auth, current_password, audit.MFA_CHANGE_FAILED, action=action)
+
+
+@contextmanager
+def _still_checked(auth: AuthContext, checked_hash: str, action: str) -> Iterator[Session]:
+    """The unit of work of a change that checked the current password: it goes on only
+    over the hash checked, for a user still active and a live session (see
+    `accounts.still_checked`; the user's row stays locked until it commits), so that a
+    password change, a reset or a deactivation that committed since wins and this one
+    gets INVALID_CREDENTIALS. The failed-login count is cleared in it."""
+    try:
+        with unit_of_work() as db:
+            accounts.still_checked(db, auth, checked_hash)
+            ratelimit.clear_failures(ratelimit.account_key(auth.user_id, ""), db)
+            yield db
+    except accounts.CredentialsChanged:
+        reason = "credentials_changed"
+        audit.record(audit.MFA_CHANGE_FAILED, user_id=auth.user_id, sid=auth.session_id, reason=reason, action=action)
+        raise
 
 
 # -- Setup, enable, disable, new recovery codes ------------------------------------------
@@ -174,12 +194,12 @@ def setup(auth: AuthContext, current_password: str) -> dict[str, Any]:
     """A new pending TOTP secret (replacing a pending one), its otpauth:// URI and QR code."""
     if auth.user.mfa_enabled_at is not None:
         raise MfaAlreadyEnabled()
-    _check_password(auth, current_password, "setup")
+    checked = _check_password(auth, current_password, "setup")
     secret = pyotp.random_base32(SECRET_LENGTH)
     now = clock.now()
     for _ in range(3):
         try:
-            with unit_of_work() as db:
+            with _still_checked(auth, checked, "setup") as db:
                 if db.scalar(select(MfaTotp.enabled_at).where(MfaTotp.user_id == auth.user_id)) is not None:
                     raise MfaAlreadyEnabled()
                 db.execute(delete(MfaTotp).where(MfaTotp.user_id == auth.user_id))
@@ -266,9 +286,9 @@ def enable(auth: AuthContext, code: str) -> dict[str, Any]:
 def regenerate_recovery_codes(auth: AuthContext, current_password: str) -> dict[str, Any]:
     """A new set of recovery codes (aal2 session and current password); the old set is void."""
     _require_aal2(auth)
-    _check_password(auth, current_password, "recovery_codes")
+    checked = _check_password(auth, current_password, "recovery_codes")
     codes = _new_recovery_codes()
-    with unit_of_work() as db:
+    with _still_checked(auth, checked, "recovery_codes") as db:
         if db.scalar(select(MfaTotp.enabled_at).where(MfaTotp.user_id == auth.user_id)) is None:
             raise MfaNotEnabled()
         _store_recovery_codes(db, auth.user_id, codes, clock.now())
@@ -288,10 +308,9 @@ def _remove(db: Session, user_id: int) -> int:
 def disable(auth: AuthContext, current_password: str) -> None:
     """Turn MFA off (aal2 session and current password); every other session ends."""
     _require_aal2(auth)
-    _check_password(auth, current_password, "disable")
+    checked = _check_password(auth, current_password, "disable")
     now = clock.now()
-    with unit_of_work() as db:
-        accounts.lock_user(db, auth.user_id)
+    with _still_checked(auth, checked, "disable") as db:  # the user's row locked, as every MFA change
         if not _remove(db, auth.user_id):
             raise MfaNotEnabled()
         revoked = sessions.revoke(

@@ -93,20 +93,32 @@ def verify(token: str) -> User:
 
 def request_change(auth: AuthContext, new_email: str, current_password: str) -> None:
     """Check the password, then send a confirmation link to `new_email` and a notice to
-    the current address."""
-    accounts.check_current_password(auth, current_password, audit.EMAIL_CHANGE_FAILED)
-    ratelimit.clear_failures(ratelimit.account_key(auth.user_id, ""))
+    the current address.
+
+    The link is written only over the hash the password was checked against, for a user
+    still active and a session still live: a change-email whose check raced a password
+    change, a reset or a deactivation gets INVALID_CREDENTIALS and sends nothing."""
+    account = ratelimit.account_key(auth.user_id, "")
+    checked = accounts.check_current_password(auth, current_password, audit.EMAIL_CHANGE_FAILED)
     user = auth.user
-    if new_email == user.email.lower():
-        raise ValidationFailed(errors={"new_email": ["This is already the account's address."]})
     now = clock.now()
-    with unit_of_work() as db:
-        if _address_taken(db, new_email, user.id):
-            taken = True
-        else:
-            taken = False
-            confirm, notice = mailings.change_email(db, user, new_email, now)
-    if taken:
+    outcome = "queued"
+    try:
+        with unit_of_work() as db:
+            accounts.still_checked(db, auth, checked)
+            ratelimit.clear_failures(account, db)  # the password was right, and still is
+            if new_email == user.email.lower():
+                outcome = "same_address"
+            elif _address_taken(db, new_email, user.id):
+                outcome = "address_taken"
+            else:
+                confirm, notice = mailings.change_email(db, user, new_email, now)
+    except accounts.CredentialsChanged:
+        audit.record(audit.EMAIL_CHANGE_FAILED, user_id=user.id, sid=auth.session_id, reason="credentials_changed")
+        raise
+    if outcome == "same_address":
+        raise ValidationFailed(errors={"new_email": ["This is already the account's address."]})
+    if outcome == "address_taken":
         audit.record(audit.EMAIL_CHANGE_FAILED, user_id=user.id, sid=auth.session_id, reason="address_taken")
         raise UserAlreadyExists()
     audit.record(audit.EMAIL_CHANGE_REQUESTED, user_id=user.id, sid=auth.session_id)
