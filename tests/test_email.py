@@ -55,6 +55,16 @@ def outbox_rows(app) -> list[OutboxMessage]:
         return list(db.session.scalars(select(OutboxMessage).order_by(OutboxMessage.id)))
 
 
+def audit_events(log_lines, event: str) -> list[dict]:
+    """The audit events named `event` logged so far, oldest first."""
+    return [line for line in log_lines() if line.get("audit") and line.get("event") == event]
+
+
+def frozen_clock(monkeypatch, at):
+    """Stop the service's clock at `at` (it stands still while links are made and mailed)."""
+    monkeypatch.setattr(clock, "now", lambda: at)
+
+
 def register(client, name="alice", password=PASSWORD):
     response = client.post(
         "/auth/register", json={"email": f"{name}@example.com", "username": name, "password": password}
@@ -336,6 +346,46 @@ def test_verification_request_sends_a_new_link_and_voids_the_old(app, client, ma
     assert_error(client.post("/auth/verify-email/request"), 401, "MISSING_TOKEN")
 
 
+# EMAIL_TOKEN_HOURS unset (the contract's 24) and set.
+TOKEN_HOURS = pytest.mark.parametrize("hours", [None, 3], ids=["default", "EMAIL_TOKEN_HOURS=3"])
+
+
+def email_app(database_url, mail_settings, hours):
+    return create_app(
+        base_settings(
+            DATABASE_URL=database_url, **mail_settings, **({} if hours is None else {"EMAIL_TOKEN_HOURS": hours})
+        )
+    )
+
+
+@TOKEN_HOURS
+def test_a_verification_link_expires_after_email_token_hours(
+    database_url, mail_settings, mailbox, monkeypatch, log_lines, hours
+):
+    app = email_app(database_url, mail_settings, hours)
+    client = app.test_client()
+    lifetime = timedelta(hours=hours or 24)
+    issued = clock.now()
+    frozen_clock(monkeypatch, issued)
+    register(client, "alice")
+    register(client, "bob")
+    deliver(app)
+    alice, bob = (mailbox.messages(f"{name}@example.com")[-1] for name in ("alice", "bob"))
+    assert f"within {'24 hours' if hours is None else '3 hours'}" in alice.text
+    # Both links were made at the same instant: alice's is used a second before the end.
+    frozen_clock(monkeypatch, issued + lifetime - timedelta(seconds=1))
+    assert client.post("/auth/verify-email", json={"token": alice.token()}).status_code == 200
+    frozen_clock(monkeypatch, issued + lifetime)
+    assert_error(client.post("/auth/verify-email", json={"token": bob.token()}), 400, "INVALID_LINK")
+    assert [(e["kind"], e["reason"]) for e in audit_events(log_lines, "invalid_link")] == [
+        ("verify_email,change_email", "expired")
+    ]
+    login = client.post("/auth/login", json={"username": "bob", "password": PASSWORD})
+    assert login.status_code == 200 and login.get_json()["user"]["email_verified"] is False
+    with app.app_context():
+        db.engine.dispose()
+
+
 @pytest.fixture
 def required_app(mailbox, database_url):
     app = create_app(
@@ -462,6 +512,140 @@ def test_a_verification_link_for_a_former_address_is_invalid(app, client, mailbo
     assert_error(client.post("/auth/verify-email", json={"token": old_link}), 400, "INVALID_LINK")
 
 
+@TOKEN_HOURS
+def test_a_change_of_address_link_expires_after_email_token_hours(
+    database_url, mail_settings, mailbox, monkeypatch, log_lines, hours
+):
+    app = email_app(database_url, mail_settings, hours)
+    client = app.test_client()
+    lifetime = timedelta(hours=hours or 24)
+    issued = clock.now()
+    frozen_clock(monkeypatch, issued)
+    for name in ("alice", "bob"):
+        assert change_email(client, register(client, name), f"{name}.new@example.com").status_code == 202
+    deliver(app)
+    alice, bob = (mailbox.messages(f"{name}.new@example.com")[-1] for name in ("alice", "bob"))
+    frozen_clock(monkeypatch, issued + lifetime - timedelta(seconds=1))
+    changed = client.post("/auth/verify-email", json={"token": alice.token()})
+    assert changed.status_code == 200 and changed.get_json()["email"] == "alice.new@example.com"
+    frozen_clock(monkeypatch, issued + lifetime)
+    assert_error(client.post("/auth/verify-email", json={"token": bob.token()}), 400, "INVALID_LINK")
+    assert [e["reason"] for e in audit_events(log_lines, "invalid_link")] == ["expired"]
+    # bob keeps his address.
+    assert client.post("/auth/login", json={"email": "bob@example.com", "password": PASSWORD}).status_code == 200
+    assert_error(
+        client.post("/auth/login", json={"email": "bob.new@example.com", "password": PASSWORD}),
+        401,
+        "INVALID_CREDENTIALS",
+    )
+    with app.app_context():
+        db.engine.dispose()
+
+
+def test_a_newer_change_of_address_request_voids_the_older_link(app, client, mailbox):
+    tokens = register(client)
+    assert change_email(client, tokens, "first@example.com").status_code == 202
+    assert change_email(client, tokens, "second@example.com").status_code == 202
+    deliver(app)
+    older = mailbox.messages("first@example.com")[-1].token()
+    newer = mailbox.messages("second@example.com")[-1].token()
+    assert_error(client.post("/auth/verify-email", json={"token": older}), 400, "INVALID_LINK")
+    changed = client.post("/auth/verify-email", json={"token": newer})
+    assert changed.status_code == 200 and changed.get_json()["email"] == "second@example.com"
+    assert client.post("/auth/login", json={"email": "first@example.com", "password": PASSWORD}).status_code == 401
+
+
+def accounts_with(app, address: str) -> list[str]:
+    """The usernames of the accounts whose address is `address`."""
+    with app.app_context():
+        return list(db.session.scalars(select(User.username).where(func.lower(User.email) == address)))
+
+
+@pytest.mark.parametrize("first", ["registration", "confirmation"])
+def test_a_registration_racing_the_confirmation_of_a_change_to_its_address_on_postgresql(
+    mailbox, pg_database_url, monkeypatch, log_lines, first
+):
+    """Another request registers the address while the link that moves alice to it is used.
+    The interleaving is injected: with `registration` first, it commits after the link's
+    request found the address free and before that request writes it (the unique index
+    refuses the write: 409, nothing spent); with `confirmation` first, it tries its insert
+    while the change is written but not committed (it waits, then the index refuses it:
+    409). Either way one account has the address."""
+    import threading
+
+    from helpers import wait_until
+    from sqlalchemy import create_engine, text
+
+    from authapp.auth import links, verification
+
+    app = create_app(base_settings(DATABASE_URL=pg_database_url, MAIL_URL=mailbox.url, FRONTEND_URL=FRONTEND))
+    client = app.test_client()
+    tokens = register(client)
+    assert change_email(client, tokens, "wanted@example.com").status_code == 202
+    deliver(app)
+    token = mailbox.messages("wanted@example.com")[-1].token()
+    registered: list[int] = []
+    other = app.test_client()  # another request, in its own thread, with its own connection
+    squatter = threading.Thread(
+        target=lambda: registered.append(
+            other.post(
+                "/auth/register", json={"email": "wanted@example.com", "username": "dave", "password": PASSWORD}
+            ).status_code
+        )
+    )
+    if first == "registration":
+        real_check = verification._address_taken
+
+        def free_then_taken(db_session, address, user_id):
+            taken = real_check(db_session, address, user_id)
+            if not squatter.is_alive() and not registered:
+                squatter.start()
+                squatter.join(timeout=60)
+            return taken
+
+        monkeypatch.setattr(verification, "_address_taken", free_then_taken)
+    else:
+        real_void = links.void
+        watcher = create_engine(pg_database_url)
+
+        def blocked() -> bool:
+            with watcher.connect() as connection:
+                waiting = text(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+                return connection.scalar(waiting) > 0
+
+        def written_then_raced(db_session, user_id, *kinds):
+            real_void(db_session, user_id, *kinds)
+            if not squatter.is_alive() and not registered:  # the address is written, not committed
+                squatter.start()
+                wait_until(blocked, 30, "the registration waiting on the uncommitted address")
+
+        monkeypatch.setattr(verification.links, "void", written_then_raced)
+    response = client.post("/auth/verify-email", json={"token": token})
+    squatter.join(timeout=60)
+    assert not squatter.is_alive()
+    if first == "registration":
+        assert registered == [201]
+        assert_error(response, 409, "USER_ALREADY_EXISTS")
+        assert accounts_with(app, "wanted@example.com") == ["dave"]
+        assert accounts_with(app, "alice@example.com") == ["alice"]
+        assert [e["reason"] for e in audit_events(log_lines, "email_change_failed")] == ["address_taken"]
+        with app.app_context():  # the link stays unspent
+            row = db.session.scalar(select(OneTimeToken).where(OneTimeToken.kind == "change_email"))
+            assert row is not None and row.used_at is None
+    else:
+        watcher.dispose()
+        assert response.status_code == 200 and response.get_json()["email"] == "wanted@example.com"
+        assert registered == [409]
+        assert accounts_with(app, "wanted@example.com") == ["alice"]
+        with app.app_context():  # and the registration made no account
+            assert db.session.scalar(select(func.count()).select_from(User)) == 1
+    with app.app_context():
+        db.engine.dispose()
+
+
 # -- Nothing lost -----------------------------------------------------------------------
 
 
@@ -494,6 +678,36 @@ def test_nothing_is_lost_when_the_mail_server_is_down_and_the_app_restarts(mailb
     assert all(r.status == "sent" and r.body_text is None for r in outbox_rows(restarted))
     with restarted.app_context():
         db.engine.dispose()
+
+
+def test_a_database_lost_between_the_send_and_its_record_sends_the_message_again(app, client, mailbox, monkeypatch):
+    """The mail server took the message, then the courier could not record it: the claim
+    expires and the message goes out a second time (docs/email.md says so)."""
+    from authapp.errors import AppError, ServiceUnavailable
+    from authapp.mail import outbox
+
+    register(client)  # one message: the verification link
+    now = [clock.now()]
+    monkeypatch.setattr(clock, "now", lambda: now[0])
+    recorded = outbox.mark_sent
+
+    def database_lost(*_args):
+        raise ServiceUnavailable()
+
+    monkeypatch.setattr(outbox, "mark_sent", database_lost)
+    with app.app_context():
+        worker = courier.Courier(poll_interval=0)
+        with pytest.raises(AppError):  # what the courier's loop waits out
+            worker.deliver_due()
+    assert len(mailbox.messages()) == 1
+    monkeypatch.setattr(outbox, "mark_sent", recorded)
+    assert deliver(app) == 0  # still claimed
+    now[0] += worker.lease + timedelta(seconds=1)
+    assert deliver(app) == 1
+    first, second = mailbox.messages()
+    assert first.message["Message-ID"] == second.message["Message-ID"] and first.token() == second.token()
+    (row,) = outbox_rows(app)
+    assert row.status == "sent" and row.attempts == 2
 
 
 def test_a_refusing_server_gets_retries_with_backoff_then_the_message_is_given_up(
@@ -750,3 +964,150 @@ def test_a_reset_racing_a_deactivation_yields_no_session(app, client, mailbox, m
         stored = db.session.scalar(select(User.hashed_password).where(User.username == "alice"))
     assert sessions_made == 1  # the registration's only: the reset started none
     assert passwords.verify_password(PASSWORD, stored)  # and stored no new password
+
+
+# -- The audit trail --------------------------------------------------------------------
+
+
+def user_id_of(app, username: str) -> int:
+    with app.app_context():
+        return db.session.scalar(select(User.id).where(User.username == username))
+
+
+def test_the_reset_flow_writes_its_audit_events(app, client, mailbox, cli_runner, log_lines):
+    register(client)
+    register(client, "bob")
+    for _ in range(4):  # three links sent (MAIL_RATE_LIMIT, 3/hour), then nothing
+        request_reset(client)
+    request_reset(client, "nobody@example.com")
+    assert cli_runner("users", "deactivate", "bob").exit_code == 0
+    request_reset(client, "bob@example.com")
+    alice = user_id_of(app, "alice")
+    requested = [(e["user_id"], e["outcome"]) for e in audit_events(log_lines, "password_reset_requested")]
+    assert requested == [(alice, "queued")] * 3 + [
+        (alice, "rate_limited"),
+        (None, "no_account"),
+        (user_id_of(app, "bob"), "inactive_user"),
+    ]
+    # Only the request past the limit says so: no account, or an inactive one, leaves no mail event.
+    suppressed = [(e["user_id"], e["kind"], e["reason"]) for e in audit_events(log_lines, "mail_suppressed")]
+    assert suppressed == [(alice, "password_reset", "rate_limited")]
+
+    token = reset_token(app, mailbox)
+    response = client.post("/auth/password-reset", json={"token": token, "new_password": NEW_PASSWORD})
+    assert response.status_code == 200, response.get_json()
+    (reset,) = audit_events(log_lines, "password_reset")
+    assert (reset["user_id"], reset["sid"], reset["sessions_revoked"]) == (alice, sid_of(response.get_json()), 1)
+    queued = [e["kind"] for e in audit_events(log_lines, "mail_queued")]
+    assert queued == ["verify_email"] * 2 + ["password_reset"] * 3 + ["password_changed"]
+    assert token not in repr(log_lines())
+
+
+def test_verification_and_change_of_address_write_their_audit_events(app, client, mailbox, log_lines):
+    tokens = register(client)
+    register(client, "carol")
+    alice, sid = user_id_of(app, "alice"), sid_of(tokens)
+    auth = bearer(tokens["access_token"])
+    for _ in range(3):  # the registration's link and two more, then MAIL_RATE_LIMIT (3/hour)
+        assert client.post("/auth/verify-email/request", headers=auth).status_code == 202
+    deliver(app)
+    link = mailbox.messages("alice@example.com")[-1].token()
+    assert client.post("/auth/verify-email", json={"token": link}).status_code == 200
+    assert client.post("/auth/verify-email/request", headers=auth).status_code == 202  # verified already
+    requested = [
+        (e["user_id"], e["sid"], e["outcome"]) for e in audit_events(log_lines, "email_verification_requested")
+    ]
+    assert requested == [(alice, sid, "queued")] * 2 + [(alice, sid, "rate_limited"), (alice, sid, "verified")]
+    assert [(e["kind"], e["reason"]) for e in audit_events(log_lines, "mail_suppressed")] == [
+        ("verify_email", "rate_limited")
+    ]
+    assert [e["user_id"] for e in audit_events(log_lines, "email_verified")] == [alice]
+
+    assert change_email(client, tokens, "new@example.com", "wrong-pass-123").status_code == 401
+    assert change_email(client, tokens, "carol@example.com").status_code == 409
+    assert change_email(client, tokens, "new@example.com").status_code == 202
+    failed = [(e["user_id"], e["sid"], e["reason"]) for e in audit_events(log_lines, "email_change_failed")]
+    assert failed == [(alice, sid, "wrong_password"), (alice, sid, "address_taken")]
+    assert [(e["user_id"], e["sid"]) for e in audit_events(log_lines, "email_change_requested")] == [(alice, sid)]
+    deliver(app)
+    confirm = mailbox.messages("new@example.com")[-1].token()
+    assert client.post("/auth/verify-email", json={"token": confirm}).status_code == 200
+    assert [e["user_id"] for e in audit_events(log_lines, "email_changed")] == [alice]
+    assert len(audit_events(log_lines, "email_verified")) == 1  # a change is email_changed only
+    assert link not in repr(log_lines()) and confirm not in repr(log_lines())
+
+
+def test_every_refused_link_is_audited_with_its_reason(app, client, mailbox, cli_runner, log_lines):
+    register(client)
+    register(client, "bob")
+    deliver(app)
+    alice_link = mailbox.messages("alice@example.com")[-1].token()
+    bob_link = mailbox.messages("bob@example.com")[-1].token()
+    request_reset(client)
+    reset_link = reset_token(app, mailbox)
+
+    def refused(path: str, token: str) -> None:
+        body = {"token": token} if path == "/auth/verify-email" else {"token": token, "new_password": NEW_PASSWORD}
+        assert_error(client.post(path, json=body), 400, "INVALID_LINK")
+
+    refused("/auth/verify-email", "A" * 500)  # longer than any token
+    refused("/auth/verify-email", "A" * 43)  # no such token
+    refused("/auth/password-reset", alice_link)  # a token of another kind
+    assert client.post("/auth/verify-email", json={"token": alice_link}).status_code == 200
+    refused("/auth/verify-email", alice_link)
+    # The address changed by another way than a link (which would have voided the reset link).
+    with app.app_context(), unit_of_work() as session:
+        session.execute(update(User).where(User.username == "alice").values(email="alice@elsewhere.example"))
+    refused("/auth/password-reset", reset_link)
+    assert cli_runner("users", "deactivate", "bob").exit_code == 0
+    refused("/auth/verify-email", bob_link)
+    events = [(e["kind"], e["reason"]) for e in audit_events(log_lines, "invalid_link")]
+    assert events == [
+        ("verify_email,change_email", "malformed"),
+        ("verify_email,change_email", "unknown"),
+        ("password_reset", "unknown"),
+        ("verify_email,change_email", "used"),
+        ("password_reset", "address_changed"),
+        ("verify_email", "inactive_user"),
+    ]
+    every_line = repr(log_lines())
+    assert not any(token in every_line for token in (alice_link, bob_link, reset_link))
+
+
+def test_a_reset_with_mfa_on_leaves_the_failed_login_count_to_the_second_factor(mailbox, database_url, monkeypatch):
+    """Without MFA a reset clears the lockout (see the test of the reset above); with MFA on
+    it answers a challenge and clears nothing: the second step clears the count, and while
+    the account is locked that step is refused too."""
+    import pyotp
+
+    app = create_app(
+        base_settings(DATABASE_URL=database_url, MAIL_URL=mailbox.url, FRONTEND_URL=FRONTEND, LOGIN_MAX_FAILURES="3")
+    )
+    client = app.test_client()
+    now = [clock.now() - timedelta(minutes=20)]  # behind the real clock, which PyJWT checks tokens with
+    monkeypatch.setattr(clock, "now", lambda: now[0])
+    tokens = register(client)
+    auth = bearer(tokens["access_token"])
+    secret = client.post("/auth/mfa/totp/setup", headers=auth, json={"current_password": PASSWORD}).get_json()["secret"]
+    totp = pyotp.TOTP(secret)
+    assert client.post("/auth/mfa/totp/enable", headers=auth, json={"code": totp.at(now[0])}).status_code == 200
+    now[0] += timedelta(seconds=90)  # past the step of the code that enabled it
+    for _ in range(3):
+        client.post("/auth/login", json={"username": "alice", "password": "not-the-password-1"})
+    assert_error(client.post("/auth/login", json={"username": "alice", "password": PASSWORD}), 429, "RATE_LIMITED")
+
+    request_reset(client)
+    response = client.post(
+        "/auth/password-reset", json={"token": reset_token(app, mailbox), "new_password": NEW_PASSWORD}
+    )
+    assert response.status_code == 200 and response.get_json()["mfa_required"] is True
+    second_step = {"mfa_token": response.get_json()["mfa_token"], "code": totp.at(now[0])}
+    assert_error(client.post("/auth/mfa/verify", json=second_step), 429, "RATE_LIMITED")
+    login = {"username": "alice", "password": NEW_PASSWORD}
+    assert_error(client.post("/auth/login", json=login), 429, "RATE_LIMITED")
+    now[0] += timedelta(seconds=901)  # LOGIN_FAILURE_WINDOW (900 s) passes
+    challenge = client.post("/auth/login", json=login).get_json()
+    verified = client.post("/auth/mfa/verify", json={"mfa_token": challenge["mfa_token"], "code": totp.at(now[0])})
+    assert verified.status_code == 200 and verified.get_json()["aal"] == "aal2"
+    with app.app_context():
+        db.engine.dispose()

@@ -1,6 +1,7 @@
 """Serve the example frontend on http://127.0.0.1:8000 (the development FRONTEND_URL),
-with /reset-password and /verify-email, the paths the email links open, answered by
-index.html as any single-page host does: `python3 examples/frontend/serve.py [PORT]`."""
+with /forgot-password, /reset-password and /verify-email, the paths the email links
+open, answered by index.html as any single-page host does:
+`python3 examples/frontend/serve.py [PORT]`."""
 
 import functools
 import http.server
@@ -8,7 +9,9 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-LINK_PAGES = ("/reset-password", "/verify-email")
+# FRONTEND_URL/forgot-password (the notices' "reset your password" link), and the default
+# PASSWORD_RESET_URL and EMAIL_VERIFY_URL (the links that carry a token in the fragment).
+LINK_PAGES = ("/forgot-password", "/reset-password", "/verify-email")
 
 
 class Handler(http.server.SimpleHTTPRequestHandler):
