@@ -267,7 +267,8 @@ class PasswordResetRequestSchema(Schema):
 
 class PasswordResetSchema(Schema):
     token = Text(required=True, metadata={"description": "The token of the link's fragment (#token=...)"})
-    new_password = Password(required=True)
+    # A password being chosen; its policy needs the link's user, so authapp.auth.recovery checks it.
+    new_password = Password(required=True, new=True)
 
 
 class VerifyEmailSchema(Schema):

@@ -2,7 +2,8 @@
 # Install or upgrade authapp on Debian 12, as root, from the checkout that holds this file:
 #
 #   apt-get install -y git && git clone <repository> /srv/authapp
-#   /srv/authapp/deploy/install.sh                          # first install
+#   AUTHAPP_MAIL_URL=... AUTHAPP_MAIL_FROM=... AUTHAPP_FRONTEND_URL=... \
+#       /srv/authapp/deploy/install.sh                      # first install (docs/deployment.md)
 #   git -C /srv/authapp pull --ff-only && /srv/authapp/deploy/install.sh   # each upgrade
 #
 # Every step is idempotent: a re-run keeps the settings, secrets, database and certificate
@@ -19,7 +20,8 @@
 #   AUTHAPP_REDIS_URL=redis://127.0.0.1:6379/0
 #   AUTHAPP_MAIL_URL= AUTHAPP_MAIL_FROM= AUTHAPP_FRONTEND_URL=
 #                                     the mail settings production needs: required for a
-#                                     new settings file (or give them in AUTHAPP_SETTINGS)
+#                                     new settings file (or give them in AUTHAPP_SETTINGS);
+#                                     checked before anything is installed
 #   AUTHAPP_SETTINGS=                 more KEY=value settings (space separated) for a new
 #                                     settings file, e.g. "CORS_ORIGINS=https://app.example.com"
 # and, for tests and sandboxes (tests/e2e/test_install.py runs this very script so):
@@ -39,7 +41,6 @@
 set -euo pipefail
 umask 022
 APP_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd /   # every path below is absolute; psql and the app never start in root's home
 
 PREFIX="${AUTHAPP_PREFIX:-}"
 SYSTEMD="${AUTHAPP_SYSTEMD:-yes}"
@@ -78,16 +79,39 @@ VENV="$APP_DIR/.venv"
 # Only the no-systemd mode uses these: nginx's own main file and the instances' pid files.
 NGINX_MAIN="$NGINX_DIR/nginx.conf"
 SUPERVISE_DIR="$PREFIX/run/authapp-install"
+# What a new settings file must be given (AUTHAPP_<name>, or in AUTHAPP_SETTINGS): a
+# production start refuses to run without them (docs/email.md).
+NEW_FILE_NEEDS=(MAIL_URL MAIL_FROM FRONTEND_URL)
 
 step() { printf '\n==> %s\n' "$*"; }
 die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
 
-[ "$(id -u)" -eq 0 ] || die "run as root"
-case "$SYSTEMD" in yes|no) ;; *) die "AUTHAPP_SYSTEMD must be yes or no" ;; esac
-case "$CERT_MODE" in self-signed|certbot) ;; *) die "AUTHAPP_CERT must be self-signed or certbot" ;; esac
-if [ "$CERT_MODE" = certbot ] && [ -z "$CERTBOT_EMAIL" ]; then
-    die "AUTHAPP_CERT=certbot needs AUTHAPP_CERTBOT_EMAIL"
-fi
+# -- 0. The knobs, checked before anything is installed ---------------------------------
+
+check_knobs() {
+    [ "$(id -u)" -eq 0 ] || die "run as root"
+    case "$SYSTEMD" in yes|no) ;; *) die "AUTHAPP_SYSTEMD must be yes or no" ;; esac
+    case "$CERT_MODE" in self-signed|certbot) ;; *) die "AUTHAPP_CERT must be self-signed or certbot" ;; esac
+    if [ "$CERT_MODE" = certbot ] && [ -z "$CERTBOT_EMAIL" ]; then
+        die "AUTHAPP_CERT=certbot needs AUTHAPP_CERTBOT_EMAIL"
+    fi
+    check_new_settings
+}
+
+check_new_settings() {   # a first install: what the settings file needs, in its format
+    [ ! -e "$ENV_FILE" ] || return 0   # a re-run keeps the file; the knobs are not read
+    local extra=() missing=() knob given
+    read -r -a extra <<<"${AUTHAPP_SETTINGS:-}"
+    for knob in "${NEW_FILE_NEEDS[@]}"; do
+        given="AUTHAPP_$knob"
+        [ -n "${!given:-}" ] || [[ " ${extra[*]} " == *" $knob="* ]] || missing+=("$given")
+    done
+    [ "$LOCAL_POSTGRES" = yes ] || [ -n "${AUTHAPP_DATABASE_URL:-}" ] || missing+=(AUTHAPP_DATABASE_URL)
+    if [ "${#missing[@]}" -gt 0 ]; then
+        die "a new settings file needs ${missing[*]}: give them as docs/deployment.md's \"First install\" does (docs/email.md says what to put there)"
+    fi
+    new_settings >/dev/null   # a value the file cannot hold stops here, named
+}
 
 # -- 1. Packages ------------------------------------------------------------------------
 
@@ -185,61 +209,77 @@ setup_redis() {
 # -- 5. The settings file: one format that systemd and sh read alike --------------------
 
 # systemd's EnvironmentFile= and sh's `set -a; . file` quote and expand differently, so the
-# file is held to what both read the same way: KEY=value, the value without quotes, spaces,
-# `$`, backslashes, backquotes or shell operators. A password with other characters goes
-# into DATABASE_URL percent-encoded (%24 for $), which a URL needs anyway.
-SAFE_VALUE='^[A-Z][A-Z0-9_]*=[A-Za-z0-9_@:/.,+%=?!*-]*$'
+# file is held to the two forms both read the same way (docs/deployment.md): KEY=value, the
+# value of letters, digits and _ @ : / . , + % = ? ! * - only; or KEY="value", the value
+# without ", $, ` or \ (which are the only characters either reader treats specially
+# inside double quotes) and without control characters. A sender's display name needs the
+# second form (MAIL_FROM="Example <no-reply@example.com>"). A password with other
+# characters goes into DATABASE_URL percent-encoded (%24 for $), which a URL needs anyway.
+BARE_VALUE='[A-Za-z0-9_@:/.,+%=?!*-]*'
+QUOTED_VALUE='"[^"$`\[:cntrl:]]*"'
+SETTING_LINE="^[A-Z][A-Z0-9_]*=($BARE_VALUE|$QUOTED_VALUE)\$"
 
 check_env_file() {
     local number=0 line
     while IFS= read -r line || [ -n "$line" ]; do
         number=$((number + 1))
         case "$line" in ''|'#'*) continue ;; esac
-        [[ "$line" =~ $SAFE_VALUE ]] || die "$ENV_FILE line $number: write KEY=value with no quotes, spaces, \$ or \\ (percent-encode such characters in a URL)"
+        [[ "$line" =~ $SETTING_LINE ]] || die "$ENV_FILE line $number: write KEY=value (letters, digits and _ @ : / . , + % = ? ! * -) or KEY=\"value\" (no \", \$, \` or \\ inside; percent-encode such characters in a URL)"
     done <"$ENV_FILE"
 }
 
-env_value() {   # the value of one key of the settings file (the last one wins, as in sh)
-    sed -n "s/^$1=//p" "$ENV_FILE" | tail -n 1
+setting_line() {   # KEY=value: the settings file's line for it, quoted if the value needs it
+    local key="${1%%=*}" value="${1#*=}"
+    # (never the value in a message: it may be a secret)
+    [[ "$key" =~ ^[A-Z][A-Z0-9_]*$ ]] && [ "$key" != "$1" ] || die "AUTHAPP_SETTINGS: each setting is KEY=value, KEY of capitals, digits and _"
+    if [[ "$value" =~ ^$BARE_VALUE$ ]]; then
+        printf '%s=%s\n' "$key" "$value"
+    elif [[ "\"$value\"" =~ ^$QUOTED_VALUE$ ]]; then
+        printf '%s="%s"\n' "$key" "$value"
+    else
+        die "$key: the settings file cannot hold a value with \", \$, \`, \\ or a control character (percent-encode them in a URL)"
+    fi
 }
 
-random_secret() { /usr/bin/python3 -c "import secrets; print(secrets.token_urlsafe($1))"; }
+env_value() {   # the value of one key of the settings file (the last one wins, as in sh)
+    sed -n "s/^$1=//p" "$ENV_FILE" | tail -n 1 | sed 's/^"\(.*\)"$/\1/'
+}
+
+# Like Python's secrets.token_urlsafe(N), from coreutils only: it runs before the packages.
+random_secret() { head -c "$1" /dev/urandom | base64 -w 0 | tr '+/' '-_' | tr -d '='; }
+
+new_settings() {   # a new settings file: the knobs' settings and new secrets
+    local database_url="${AUTHAPP_DATABASE_URL:-}" extra=() setting knob given
+    if [ "$LOCAL_POSTGRES" = yes ]; then
+        database_url="postgresql://$DB_USER:$(random_secret 24)@$PG_HOST:$PG_PORT/$DB_NAME"
+    fi
+    read -r -a extra <<<"${AUTHAPP_SETTINGS:-}"
+    local settings=("ENVIRONMENT=production" "DATABASE_URL=$database_url"
+                    "JWT_SECRET_KEY=$(random_secret 48)" "BCRYPT_ROUNDS=12" "LOG_LEVEL=INFO"
+                    "RATELIMIT_STORAGE_URI=$REDIS_URL")
+    for knob in "${NEW_FILE_NEEDS[@]}"; do
+        given="AUTHAPP_$knob"
+        [ -z "${!given:-}" ] || settings+=("$knob=${!given}")
+    done
+    echo "# authapp's settings (docs/configuration.md), read by the units' EnvironmentFile="
+    echo "# and by deploy/install.sh. Format: KEY=value (letters, digits and _ @ : / . , + % = ? ! * -)"
+    echo "# or KEY=\"value\" (no \", \$, \` or \\ inside); docs/deployment.md."
+    for setting in "${settings[@]}"; do
+        # a setting of AUTHAPP_SETTINGS replaces the default of the same name
+        [[ " ${extra[*]} " == *" ${setting%%=*}="* ]] || setting_line "$setting"
+    done
+    for setting in "${extra[@]}"; do setting_line "$setting"; done
+}
 
 write_env_file() {
     step "settings $ENV_FILE"
     install -d -m 0750 -o root -g "$SERVICE_USER" "$ETC_DIR"
     if [ ! -e "$ENV_FILE" ]; then
-        local database_url="${AUTHAPP_DATABASE_URL:-}"
-        if [ "$LOCAL_POSTGRES" = yes ]; then
-            database_url="postgresql://$DB_USER:$(random_secret 24)@$PG_HOST:$PG_PORT/$DB_NAME"
-        fi
-        [ -n "$database_url" ] || die "AUTHAPP_LOCAL_POSTGRES=no needs AUTHAPP_DATABASE_URL"
-        local temp="$ENV_FILE.new" extra=() setting
-        read -r -a extra <<<"${AUTHAPP_SETTINGS:-}"
-        # A production start refuses to run without them (docs/email.md).
-        local knob
-        for knob in MAIL_URL MAIL_FROM FRONTEND_URL; do
-            local given="AUTHAPP_$knob"
-            [ -n "${!given:-}" ] || [[ " ${extra[*]} " == *" $knob="* ]] \
-                || die "a new settings file needs $knob: give AUTHAPP_$knob (docs/email.md says what to put there)"
-        done
-        {
-            echo "# authapp's settings (docs/configuration.md), read by the units' EnvironmentFile="
-            echo "# and by deploy/install.sh. Format: KEY=value, no quotes, spaces, \$ or \\."
-            for setting in "ENVIRONMENT=production" "DATABASE_URL=$database_url" \
-                "JWT_SECRET_KEY=$(random_secret 48)" "BCRYPT_ROUNDS=12" "LOG_LEVEL=INFO" \
-                "RATELIMIT_STORAGE_URI=$REDIS_URL" \
-                ${AUTHAPP_MAIL_URL:+"MAIL_URL=$AUTHAPP_MAIL_URL"} \
-                ${AUTHAPP_MAIL_FROM:+"MAIL_FROM=$AUTHAPP_MAIL_FROM"} \
-                ${AUTHAPP_FRONTEND_URL:+"FRONTEND_URL=$AUTHAPP_FRONTEND_URL"}; do
-                # a setting of AUTHAPP_SETTINGS replaces the default of the same name
-                [[ " ${extra[*]} " == *" ${setting%%=*}="* ]] || echo "$setting"
-            done
-            for setting in "${extra[@]}"; do echo "$setting"; done
-        } >"$temp"
-        chown root:"$SERVICE_USER" "$temp"
-        chmod 0640 "$temp"
-        mv "$temp" "$ENV_FILE"
+        # (check_new_settings has made one already: nothing in it can stop here)
+        (umask 077 && new_settings >"$ENV_FILE.new")
+        chown root:"$SERVICE_USER" "$ENV_FILE.new"
+        chmod 0640 "$ENV_FILE.new"
+        mv "$ENV_FILE.new" "$ENV_FILE"
         echo "wrote $ENV_FILE (new secrets); later runs keep it as it is"
     else
         chown root:"$SERVICE_USER" "$ENV_FILE"
@@ -291,8 +331,8 @@ certbot_certificate() {
     chmod 0755 "$LETSENCRYPT/renewal-hooks/deploy/authapp-reload-nginx"
     if [ ! -s "$LETSENCRYPT/live/$DOMAIN/fullchain.pem" ]; then
         # nginx serves /.well-known/acme-challenge/ from the webroot on port 80 already.
-        certbot certonly --webroot -w "$WEBROOT" -d "$DOMAIN" --email "$CERTBOT_EMAIL" \
-            --agree-tos --non-interactive
+        certbot certonly --config-dir "$LETSENCRYPT" --webroot -w "$WEBROOT" -d "$DOMAIN" \
+            --email "$CERTBOT_EMAIL" --agree-tos --non-interactive
         certificate_paths
         install_nginx_site
         reload_nginx
@@ -314,24 +354,27 @@ render() {   # a file of the checkout with its production paths moved to this in
 
 install_units() {
     step "systemd units, logrotate"
-    install -d -m 0755 "$UNIT_DIR" "$UNIT_DIR/authapp@.service.d" "$PREFIX/etc/logrotate.d"
+    install -d -m 0755 "$UNIT_DIR" "$UNIT_DIR/authapp@.service.d" "$UNIT_DIR/authapp-courier.service.d" \
+        "$PREFIX/etc/logrotate.d"
     local unit
     for unit in authapp@.service authapp-courier.service authapp-prune.service authapp-prune.timer; do
         render "deploy/$unit" >"$UNIT_DIR/$unit.new"
         mv "$UNIT_DIR/$unit.new" "$UNIT_DIR/$unit"
     done
-    # The instances start after the local database and Redis, and pull them in.
-    local wants=()
+    # The instances and the courier start after the local database and Redis, and pull them in.
+    local wants=() dropin
     [ "$LOCAL_POSTGRES" = yes ] && wants+=(postgresql.service)
     [ "$LOCAL_REDIS" = yes ] && wants+=(redis-server.service)
-    {
-        echo "# Installed by deploy/install.sh: the services this machine runs for authapp."
-        echo "[Unit]"
-        if [ "${#wants[@]}" -gt 0 ]; then
-            echo "Wants=${wants[*]}"
-            echo "After=${wants[*]}"
-        fi
-    } >"$UNIT_DIR/authapp@.service.d/local.conf"
+    for dropin in authapp@.service.d authapp-courier.service.d; do
+        {
+            echo "# Installed by deploy/install.sh: the services this machine runs for authapp."
+            echo "[Unit]"
+            if [ "${#wants[@]}" -gt 0 ]; then
+                echo "Wants=${wants[*]}"
+                echo "After=${wants[*]}"
+            fi
+        } >"$UNIT_DIR/$dropin/local.conf"
+    done
     render deploy/logrotate-authapp >"$PREFIX/etc/logrotate.d/authapp"
     if [ "$SYSTEMD" = yes ]; then
         systemctl daemon-reload
@@ -347,6 +390,7 @@ verify_units() {   # no-systemd mode: what systemd would refuse, found without i
         cp "$UNIT_DIR/$unit" "$dir/${unit/@./@1.}"
     done
     cp -r "$UNIT_DIR/authapp@.service.d" "$dir/authapp@1.service.d"
+    cp -r "$UNIT_DIR/authapp-courier.service.d" "$dir/"
     local output
     if ! output="$(cd "$dir" && SYSTEMD_UNIT_PATH="$dir:" systemd-analyze verify "$dir"/authapp@1.service "$dir"/authapp-courier.service "$dir"/authapp-prune.service "$dir"/authapp-prune.timer 2>&1)" \
         || [ -n "$output" ]; then
@@ -541,22 +585,30 @@ check_https() {
     echo
 }
 
-install_packages
-create_user
-install_venv
-write_env_file
-setup_postgres
-setup_redis
-make_directories
-self_signed_certificate
-certificate_paths
-install_units
-install_nginx_site
-reload_nginx
-certbot_certificate
-migrate
-restart_instances
-restart_courier
-enable_timers
-check_https
-step "done: authapp runs (docs/operations.md: backups, upgrades, monitoring)"
+main() {
+    cd /   # every path is absolute; psql and the app never start in root's home
+    check_knobs
+    install_packages
+    create_user
+    install_venv
+    write_env_file
+    setup_postgres
+    setup_redis
+    make_directories
+    self_signed_certificate
+    certificate_paths
+    install_units
+    install_nginx_site
+    reload_nginx
+    certbot_certificate
+    migrate
+    restart_instances
+    restart_courier
+    enable_timers
+    check_https
+    step "done: authapp runs (docs/operations.md: backups, upgrades, monitoring)"
+}
+
+# Sourced (`. deploy/install.sh`, as tests/test_deploy_docs.py does), it defines the steps
+# and runs none of them.
+[ "${BASH_SOURCE[0]}" != "$0" ] || main

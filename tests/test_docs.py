@@ -102,7 +102,11 @@ def test_request_schemas_carry_the_field_rules(client, settings):
     assert email.items() <= register["email"].items()
     assert username.items() <= register["username"].items()
     assert new_password.items() <= register["password"].items()
-    assert new_password.items() <= schemas["ChangePassword"]["properties"]["new_password"].items()
+    # Every request that chooses a password states the rules: change, reset, and any later one.
+    choosing = sorted(name for name, schema in schemas.items() if "new_password" in schema.get("properties", {}))
+    assert {"ChangePassword", "PasswordReset"} <= set(choosing), choosing
+    for name in choosing:
+        assert new_password.items() <= schemas[name]["properties"]["new_password"].items(), name
     # A password given to log in or to confirm is checked for its length only at the top.
     login = schemas["Login"]["properties"]
     assert email.items() <= login["email"].items()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,9 +28,30 @@ def test_summary_groups_the_reasons_and_gives_each_command():
     assert "run: TEST_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres make test" in lines[2]
     assert "run: TEST_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres make e2e" in text
     assert "run: make test PYTEST_ARGS='--with fuzz'" in text
-    assert "other          1  the race is shown on PostgreSQL" in text
+    assert "PG only        1  SQLite copies of PostgreSQL-only tests" in text  # the race is shown on PostgreSQL
+    assert "other" not in text
     assert "browser" not in text and "timing" not in text  # no group that skipped nothing
     assert lines[-1].startswith("More than half of the tests were skipped: each API test is collected once")
+
+
+def test_the_suites_skip_reasons_without_a_command_have_a_group_with_one():
+    """The reasons that name no command of their own (the heavier suites' and the
+    PostgreSQL-only tests'), as the suite gives them, each in a group with its command."""
+    conftest = (ROOT / "tests" / "conftest.py").read_text()
+    heavy = ast.literal_eval(re.search(r"^HEAVY_MARKERS = (\(.*\))$", conftest, re.M).group(1))
+    template = re.search(r'reason=f"(\{marker\} suite: [^"]*)"', conftest).group(1)
+    expected = {template.replace("{marker}", marker): f"make test PYTEST_ARGS='--with {marker}'" for marker in heavy}
+    sources = "".join(path.read_text() for path in (ROOT / "tests").rglob("*.py"))
+    for reason in ("parallel refreshes are shown against PostgreSQL",
+                   "the race is shown on PostgreSQL; SQLite serialises writers"):  # fmt: skip
+        expected[reason] = "TEST_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres make test"
+    expected["needs PostgreSQL's initdb (postgresql-15)"] = "apt-get install postgresql-15"
+    assert "race" in heavy
+    for reason, command in expected.items():
+        assert reason in sources or reason.endswith("(.ci/run does)"), f"no test skips with {reason!r} any more"
+        lines = skips.summary([reason], total=10)
+        assert len(lines) == 3 and lines[1].split()[0] != "other", lines
+        assert lines[2].split("run: ", 1)[1].startswith(command), lines
 
 
 def test_no_skips_no_summary_and_no_half_line_under_half():

@@ -41,13 +41,15 @@ def test_refuses_another_secret(verify, tokens):
         verify(tokens["access_token"], ["another-secret-" + "x" * 40])
 
 
-def forged(claims: dict, key: str = SECRET, algorithm: str = "HS256", **changes) -> str:
-    return jwt.encode({**claims, **changes}, key, algorithm=algorithm)
+def forged(claims: dict, key: str = SECRET, algorithm: str = "HS256", typ: str = "at+jwt", **changes) -> str:
+    return jwt.encode({**claims, **changes}, key, algorithm=algorithm, headers={"typ": typ})
 
 
 def test_refuses_expired_wrong_audience_issuer_algorithm_and_missing_claims(verify, tokens):
     claims = jwt.decode(tokens["access_token"], SECRET, algorithms=["HS256"], audience="authapp")
     assert verify(forged(claims), [SECRET])  # the forgery helper itself is sound
+    with pytest.raises(jwt.InvalidTokenError, match="not an access token"):
+        verify(forged(claims, typ="JWT"), [SECRET])  # the access claims under a refresh token's typ
     now = int(time.time())
     with pytest.raises(jwt.ExpiredSignatureError):
         verify(forged(claims, exp=now - 60), [SECRET])

@@ -12,7 +12,10 @@ all removed afterwards.
 
 from __future__ import annotations
 
+import base64
 import grp
+import hashlib
+import hmac
 import os
 import pwd
 import re
@@ -34,6 +37,8 @@ from devtools.postgres import admin_connection
 from devtools.stack import PASSWORD, ROOT, call, free_port
 
 DOMAIN = "auth.install.test"
+# A sender with a display name: the settings file holds it in double quotes.
+SENDER = "authapp install test <no-reply@example.com>"
 # A first install creates a virtualenv and installs requirements-deploy.txt into it
 # (uWSGI from pip's cache once make e2e has built it); a re-run takes about 20 s here.
 INSTALL_TIMEOUT = 600
@@ -60,12 +65,16 @@ class Installation:
     def env_file(self) -> Path:
         return self.root / "etc" / "authapp" / "authapp.env"
 
-    def install(self, check: bool = True) -> subprocess.CompletedProcess:
+    @property
+    def letsencrypt_live(self) -> Path:
+        return self.root / "etc" / "letsencrypt" / "live" / DOMAIN
+
+    def install(self, check: bool = True, **knobs: str) -> subprocess.CompletedProcess:
         """`deploy/install.sh`, the command the docs give, from the installed checkout."""
         result = subprocess.run(
             [str(self.app_dir / "deploy" / "install.sh")],
             cwd="/",
-            env=self.env,
+            env={**self.env, **knobs},
             capture_output=True,
             text=True,
             timeout=INSTALL_TIMEOUT,
@@ -75,8 +84,11 @@ class Installation:
         return result
 
     def tls(self) -> ssl.SSLContext:
-        """Trusts the install's own certificate (it names DOMAIN; requests go to 127.0.0.1)."""
+        """Trusts the install's own certificate, and Let's Encrypt's once there is one (they
+        name DOMAIN; requests go to 127.0.0.1)."""
         context = ssl.create_default_context(cafile=str(self.root / "etc/authapp/tls/fullchain.pem"))
+        if (self.letsencrypt_live / "fullchain.pem").exists():
+            context.load_verify_locations(cafile=str(self.letsencrypt_live / "fullchain.pem"))
         context.check_hostname = False
         return context
 
@@ -193,7 +205,7 @@ def installation(admin_url) -> Iterator[Installation]:
         "AUTHAPP_WAIT_SECONDS": "90",
         # What a production start needs; nothing is sent (the courier is not started here).
         "AUTHAPP_MAIL_URL": "smtp://127.0.0.1:25",
-        "AUTHAPP_MAIL_FROM": "no-reply@example.com",
+        "AUTHAPP_MAIL_FROM": SENDER,
         "AUTHAPP_FRONTEND_URL": "https://app.example.com",
         # Its own keys on the shared Redis; bcrypt's cheapest cost keeps the logins quick.
         "AUTHAPP_SETTINGS": f"RATELIMIT_KEY_PREFIX=authapp-install-{tag}- BCRYPT_ROUNDS=4",
@@ -251,14 +263,48 @@ def test_first_install_serves_https(installation):
     assert (st.st_mode & 0o777, st.st_uid, grp.getgrgid(st.st_gid).gr_name) == (0o640, 0, inst.user)
     assert len(inst.setting("JWT_SECRET_KEY")) >= 48
     assert inst.setting("DATABASE_URL").startswith(f"postgresql://{inst.role}:")
-    # The units, the drop-in ordering them after the local PostgreSQL and Redis, logrotate.
+    # The sender's display name, in the quoted form (and the instances started with it).
+    assert inst.setting("MAIL_FROM") == f'"{SENDER}"'
+    # The units, the drop-ins ordering the instances and the courier after the local
+    # PostgreSQL and Redis and pulling them in, logrotate.
     units = inst.root / "etc" / "systemd" / "system"
-    assert (units / "authapp@.service.d" / "local.conf").read_text().count(
-        "postgresql.service redis-server.service"
-    ) == 2
+    for dropin in ("authapp@.service.d", "authapp-courier.service.d"):
+        lines = (units / dropin / "local.conf").read_text().splitlines()
+        assert "Wants=postgresql.service redis-server.service" in lines, dropin
+        assert "After=postgresql.service redis-server.service" in lines, dropin
     assert f"EnvironmentFile={inst.env_file}" in (units / "authapp@.service").read_text()
     assert (inst.root / "etc" / "logrotate.d" / "authapp").exists()
     assert (inst.root / "var" / "www" / "letsencrypt").is_dir()
+
+
+def _scram_is_of(verifier: str, password: str) -> bool:
+    """Whether a SCRAM-SHA-256 verifier as PostgreSQL stores it
+    (`SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`, RFC 5802 and 7677) was
+    made from `password` (ASCII here, which SASLprep leaves as it is)."""
+    match = re.fullmatch(r"SCRAM-SHA-256\$(\d+):([^$]+)\$([^:]+):(.+)", verifier)
+    if match is None:
+        return False
+    iterations, salt, stored_key, server_key = match.groups()
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(salt), int(iterations))
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    return hmac.compare_digest(hashlib.sha256(client_key).digest(), base64.b64decode(stored_key)) and (
+        hmac.compare_digest(hmac.new(salted, b"Server Key", "sha256").digest(), base64.b64decode(server_key))
+    )
+
+
+def test_the_role_has_the_password_of_the_settings_file(installation):
+    """The local PostgreSQL here trusts 127.0.0.1, so a login proves no password: the role's
+    stored verifier must be made from DATABASE_URL's password (Debian's PostgreSQL asks for
+    it on TCP). Neither is ever printed."""
+    inst = installation
+    password = make_url(inst.setting("DATABASE_URL")).password or ""
+    with admin_connection(make_url(inst.admin_url)) as conn, conn.cursor() as cur:
+        cur.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s", (inst.role,))
+        (verifier,) = cur.fetchone()
+    is_scram = (verifier or "").startswith("SCRAM-SHA-256$")
+    assert is_scram, "the role has no SCRAM-SHA-256 password"
+    matches = len(password) >= 24 and _scram_is_of(verifier, password)
+    assert matches, "the role's password is not the one DATABASE_URL carries"
 
 
 def test_rerun_is_an_upgrade_that_keeps_everything(installation):
@@ -282,11 +328,12 @@ def test_settings_file_in_the_wrong_format_is_refused(installation):
     inst = installation
     good = inst.env_file.read_text()
     try:
+        # Single quotes: sh and systemd would agree here, but the format has one quoted form.
         inst.env_file.write_text(good + "MAIL_FROM='authapp <no-reply@example.com>'\n")
         result = inst.install(check=False)
         assert result.returncode == 1
         number = len(good.splitlines()) + 1
-        assert f"authapp.env line {number}: write KEY=value with no quotes, spaces" in result.stderr
+        assert f"authapp.env line {number}: write KEY=value (letters, digits and" in result.stderr
     finally:
         inst.env_file.write_text(good)
 
@@ -324,3 +371,56 @@ def test_backup_restore_into_a_new_database_and_serve_it(installation, tmp_path)
     with admin_connection(admin.set(database=restored)) as conn, conn.cursor() as cur:
         cur.execute("SELECT count(*), current_database() FROM users")
         assert cur.fetchone() == (2, restored)  # before_upgrade and before_backup
+
+
+STUB_CERTBOT = """#!/bin/sh
+# certbot certonly --webroot, stood in for: its arguments noted, a certificate for the
+# domain where certbot puts it (CONFIG_DIR/live/DOMAIN/).
+echo "$@" >>"{log}"
+while [ $# -gt 0 ]; do
+    case "$1" in --config-dir) config_dir="$2"; shift ;; -d) domain="$2"; shift ;; esac
+    shift
+done
+if [ -z "$config_dir" ] || [ -z "$domain" ]; then echo "certbot stub: no --config-dir or -d" >&2; exit 1; fi
+mkdir -p "$config_dir/live/$domain"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 90 \\
+    -subj "/CN=$domain/O=stub certbot" -addext "subjectAltName=DNS:$domain" \\
+    -keyout "$config_dir/live/$domain/privkey.pem" -out "$config_dir/live/$domain/fullchain.pem" 2>/dev/null
+"""
+
+
+def _stub(folder: Path, name: str, text: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(text)
+    (folder / name).chmod(0o755)
+
+
+def test_lets_encrypt_certificate_replaces_the_self_signed_one(installation, tmp_path):
+    """AUTHAPP_CERT=certbot on an installed machine, with a stand-in for certbot: nginx
+    serves the new certificate at once, and certbot's renewals will reload nginx."""
+    inst = installation
+    log = tmp_path / "certbot.log"
+    _stub(tmp_path / "bin", "certbot", STUB_CERTBOT.format(log=log))
+    letsencrypt = inst.root / "etc" / "letsencrypt"
+    inst.install(AUTHAPP_CERT="certbot", AUTHAPP_CERTBOT_EMAIL="ops@example.com",
+                 PATH=f"{tmp_path / 'bin'}:{inst.env['PATH']}")  # fmt: skip
+    webroot = inst.root / "var" / "www" / "letsencrypt"
+    assert log.read_text().split() == [
+        "certonly", "--config-dir", str(letsencrypt), "--webroot", "-w", str(webroot), "-d", DOMAIN,
+        "--email", "ops@example.com", "--agree-tos", "--non-interactive",
+    ]  # fmt: skip
+    site = (inst.root / "etc" / "nginx" / "conf.d" / "authapp.conf").read_text()
+    assert f"ssl_certificate {inst.letsencrypt_live}/fullchain.pem;" in site
+    assert f"ssl_certificate_key {inst.letsencrypt_live}/privkey.pem;" in site
+    served = ssl.get_server_certificate(("127.0.0.1", inst.https_port))
+    issued = (inst.letsencrypt_live / "fullchain.pem").read_text()
+    assert ssl.PEM_cert_to_DER_cert(served) == ssl.PEM_cert_to_DER_cert(issued)
+    assert inst.api("GET", "/health").status == 200
+    # The renewal hook, run as certbot runs it: nginx checks its files, then reloads.
+    hook = letsencrypt / "renewal-hooks" / "deploy" / "authapp-reload-nginx"
+    assert hook.stat().st_mode & 0o777 == 0o755
+    calls = tmp_path / "calls.log"
+    for command in ("nginx", "systemctl"):
+        _stub(tmp_path / "hook-bin", command, f'#!/bin/sh\necho "{command} $*" >>"{calls}"\n')
+    subprocess.run([str(hook)], env={"PATH": f"{tmp_path / 'hook-bin'}:/usr/bin:/bin"}, check=True, timeout=30)
+    assert calls.read_text().splitlines() == ["nginx -t -q", "systemctl reload nginx"]
