@@ -89,8 +89,10 @@ def register_middleware(app: Flask) -> None:
     The request observer (request id, security headers, metrics, the request's log line)
     wraps everything, the body reader (`bodies.ChunkedBodies`, installed with the
     blueprints) included: a request refused anywhere inside still has its id, its headers
-    and its line. It replaces the request hooks these were: the app registers none of its
-    own (Flask-Limiter's, and Flask-CORS's, are the extensions' own).
+    and its line. It replaces the request hooks these were. The app's one request hook of
+    its own is `openapi.check_body` (413 and 415 for a body), a before-request hook that
+    `openapi.init_app` registers in `register_blueprints`, beside the body reader it
+    relies on; Flask-Limiter's and Flask-CORS's are the extensions' own.
     """
     requests.init_app(app)
 

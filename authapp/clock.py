@@ -1,11 +1,20 @@
 """The service's one clock, and the contract's time format (ISO 8601, UTC, milliseconds, Z).
 
-Every module asks `clock.now()` for the time, so a test that freezes or moves this one
-function (`monkeypatch.setattr(clock, "now", ...)`) moves the whole service. PyJWT checks
-a token's `exp` and `nbf` against the real time on its own.
+Every wall-clock read of the service goes through `clock.now()` (tests/test_layering.py
+checks it), so a test that freezes or moves this one function
+(`monkeypatch.setattr(clock, "now", ...)`) moves the whole service: stored times, key
+ages, the error envelope's and health's timestamps. Durations and timeouts use
+`time.monotonic()`, which no one sets. PyJWT checks a token's `exp` and `nbf` against the
+real time on its own, and the `verified_tokens` speed-up, which stands in for that check,
+reads the real time as PyJWT does.
 """
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+
+# What to take off a time to keep its whole milliseconds: with this subtraction `now()`
+# costs a third of what it does with `replace(microsecond=...)`, and `iso_now` (every
+# GET /health/live) calls it.
+_SUB_MILLISECOND = tuple(timedelta(microseconds=micro) for micro in range(1000))
 
 
 def now() -> datetime:
@@ -13,7 +22,7 @@ def now() -> datetime:
     store it. JWT times are whole seconds taken from these values (auth.tokens: int of the
     timestamp), so a pair minted again from a stored row is the same, byte for byte."""
     current = datetime.now(UTC)
-    return current.replace(microsecond=current.microsecond // 1000 * 1000)
+    return current - _SUB_MILLISECOND[current.microsecond % 1000]
 
 
 def iso(value: datetime) -> str:
@@ -21,4 +30,6 @@ def iso(value: datetime) -> str:
 
 
 def iso_now() -> str:
-    return iso(datetime.now(UTC))
+    """`now()` in the contract's format: the error envelope's and health's timestamps
+    (`iso` without its conversion: `now()` is UTC already)."""
+    return now().isoformat(timespec="milliseconds").replace("+00:00", "Z")

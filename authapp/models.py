@@ -54,6 +54,13 @@ class UTCDateTime(types.TypeDecorator):
         return value
 
 
+def _now() -> datetime:
+    """`clock.now()` looked up at each insert and update (a default of `clock.now` itself
+    would keep the function there was at import, and a test that moves the clock would
+    not move these columns)."""
+    return clock.now()
+
+
 class User(Model):
     __tablename__ = "users"
 
@@ -62,8 +69,8 @@ class User(Model):
     email: Mapped[str] = mapped_column(String(100), nullable=False)
     hashed_password: Mapped[str] = mapped_column(String(255), nullable=False)
     is_active: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True, server_default=true())
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=clock.now)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=clock.now, onupdate=clock.now)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=_now)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=_now, onupdate=_now)
     last_login: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     # When the current address was shown to be the user's (a link used); None: not yet.
     email_verified_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

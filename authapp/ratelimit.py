@@ -52,6 +52,7 @@ def mail_request_limit() -> str:
 
 def _retry_after(reset_at: float, window: int) -> str:
     """Whole seconds until the window lets a request through again (1 to `window`)."""
+    # The real time, not clock.now(): `reset_at` is Flask-Limiter's, on its storage's clock.
     return str(min(window, max(1, math.ceil(reset_at - time.time()))))
 
 

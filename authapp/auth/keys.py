@@ -34,7 +34,7 @@ import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from functools import cached_property
 from typing import Any, NoReturn, cast
 
@@ -54,7 +54,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from config import ASYMMETRIC_ALGORITHMS, HMAC_ALGORITHMS, ConfigError
 
-from .. import audit, settings
+from .. import audit, clock, settings
 from ..database import unit_of_work
 from ..errors import AppError, NotFound, ServiceUnavailable
 from ..models import SigningKey
@@ -392,6 +392,9 @@ class KeyRing:
         """Whether an access token that `key` verified, expiring at `exp`, would verify
         again now: not expired (PyJWT's rule: whole seconds, `exp` > now) and `key` still
         the one its kid names (a reloaded key set has new keys: the token is checked again)."""
+        # The real time, not clock.now(): this stands in for PyJWT's own `exp` check, which
+        # reads the real time, and must agree with it even while a test holds clock.now()
+        # back (it would keep a token PyJWT refuses).
         if int(time.time()) >= exp:
             return False
         sole = self.sole_hmac_key()
@@ -665,10 +668,6 @@ class KeyInfo:
         )
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 def _require_asymmetric() -> str:
     algorithm = ring().algorithm
     if algorithm in HMAC_ALGORITHMS:
@@ -684,7 +683,7 @@ def generate(*, activate: bool = False) -> KeyInfo:
     algorithm = _require_asymmetric()
     private = new_private_key(algorithm)
     jwk = public_jwk(private, algorithm)
-    now = _now()
+    now = clock.now()
     row = SigningKey(
         kid=jwk["kid"],
         algorithm=algorithm,
@@ -706,7 +705,7 @@ def generate(*, activate: bool = False) -> KeyInfo:
 def activate_key(kid: str) -> KeyInfo:
     """Make `kid` the signing key; the key that signed until now stays published (standby)."""
     algorithm = _require_asymmetric()
-    now = _now()
+    now = clock.now()
     try:
         with unit_of_work() as db:
             row = db.get(SigningKey, kid)
@@ -733,7 +732,7 @@ def retire_key(kid: str, *, force: bool = False) -> KeyInfo:
 
     Refused for the active key, and for a key that signed tokens which may still be
     unexpired (unless `force`: a compromised key, whose users must log in again)."""
-    now = _now()
+    now = clock.now()
     longest = ring().longest_token
     with unit_of_work() as db:
         row = db.get(SigningKey, kid)
@@ -764,7 +763,7 @@ def list_keys() -> list[KeyInfo]:
 def published_for(info: KeyInfo) -> timedelta:
     """How long a key has been published (a verifier's cache learns it within JWKS_MAX_AGE
     plus the reload interval)."""
-    return _now() - info.created_at
+    return clock.now() - info.created_at
 
 
 # -- Start-up -----------------------------------------------------------------------------

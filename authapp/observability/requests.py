@@ -5,7 +5,8 @@ Flask request hooks cost a dispatch each and reach `request` and `g` through wer
 context proxies; the middleware has the WSGI environ at hand instead. What it needs from
 inside Flask comes through that environ: the request werkzeug made (`werkzeug.request`,
 which werkzeug puts there: its matched url rule, path, method and client address) and the
-user id the token check leaves (`USER_ID_KEY`).
+user id the token check leaves (`USER_ID_KEY`). (The app's one request hook of its own
+is the body check, `openapi.check_body`, which `openapi.init_app` registers.)
 """
 
 from __future__ import annotations
