@@ -5,6 +5,7 @@ and the tokens an attacker can make, each refused."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -13,6 +14,9 @@ import os
 import re
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import jwt
@@ -20,7 +24,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from helpers import SECRET, assert_error, base_settings, bearer
-from sqlalchemy import select, text
+from sqlalchemy import event, select, text
 
 from authapp import create_app
 from authapp.auth import keys
@@ -228,6 +232,33 @@ def test_a_replay_inside_the_reuse_interval_gets_a_working_current_pair(make_app
     assert client.post("/auth/refresh", json={"refresh_token": again["refresh_token"]}).status_code == 200
 
 
+@pytest.mark.parametrize("algorithm", ["EdDSA", "ES256"])
+def test_a_replay_inside_the_reuse_interval_after_a_rotation_gets_a_working_pair_of_the_new_key(make_app, algorithm):
+    app = make_app(JWT_ALGORITHM=algorithm)
+    old_key = activate_new_key(app)
+    client = app.test_client()
+    first = register(client)
+    current = client.post("/auth/refresh", json={"refresh_token": first["refresh_token"]}).get_json()
+    assert header_of(current["access_token"])["kid"] == old_key.kid
+    new_key = activate_new_key(app)  # the rotation, between the refresh and its replay
+
+    replayed = client.post("/auth/refresh", json={"refresh_token": first["refresh_token"]})
+    assert replayed.status_code == 200, replayed.get_json()
+    again = replayed.get_json()
+    for name in ("access_token", "refresh_token"):
+        # The session's current pair, with the same claims, signed by the key active now.
+        assert header_of(again[name])["kid"] == new_key.kid
+        assert claims_of(again[name]) == claims_of(current[name])
+    assert claims_of(again["access_token"])["sid"] == claims_of(first["access_token"])["sid"]
+    me = client.get("/auth/me", headers=bearer(again["access_token"]))
+    assert me.status_code == 200 and me.get_json()["username"] == "alice"
+    # The pair of the old key is still good too (that key is standby, not retired).
+    assert client.get("/auth/me", headers=bearer(current["access_token"])).status_code == 200
+    # The replayed refresh token is the session's head: it refreshes.
+    onward = client.post("/auth/refresh", json={"refresh_token": again["refresh_token"]})
+    assert onward.status_code == 200 and header_of(onward.get_json()["access_token"])["kid"] == new_key.kid
+
+
 def test_jwks_answers_304_to_its_etag(make_app):
     app = make_app(JWT_ALGORITHM="EdDSA")
     activate_new_key(app)
@@ -297,11 +328,16 @@ def test_an_access_token_without_type_is_refused(client, tokens):
     assert_error(client.get("/auth/me", headers=bearer(token)), 401, "INVALID_TOKEN")
 
 
-@pytest.mark.parametrize("sub", [" 1", "1 ", "+1", "01", "1_0", "\u0661", "1\n", 1, "0x1", ""])
+@pytest.mark.parametrize("sub", [" 1", "1 ", "+1", "01", "1_0", "\u0661", "1\n", 1, "0x1", "", "1" + "0" * 18])
 def test_sub_must_be_decimal_digits_only(client, tokens, sub):
     assert tokens["user"]["id"] == 1
     token = resign(tokens["access_token"], claims={"sub": sub})
     assert_error(client.get("/auth/me", headers=bearer(token)), 401, "INVALID_TOKEN")
+
+
+def test_sub_has_at_most_18_digits():
+    assert keys.is_user_id("1") and keys.is_user_id("9" * 18)
+    assert not keys.is_user_id("1" * 19)
 
 
 @pytest.mark.parametrize("claim", keys.ACCESS_CLAIMS)
@@ -617,9 +653,13 @@ def _sign_with(private, algorithm: str, header: dict, claims: dict) -> str:
     return jwt.encode(claims, private, algorithm=algorithm, headers=header)
 
 
+def _attack_base(info, tokens) -> tuple[dict, dict]:
+    """The header (less `alg`) and claims every attack token starts from: the real token's."""
+    return {"kid": info.kid, "typ": "at+jwt"}, claims_of(tokens["access_token"])
+
+
 def _attack_tokens(app, info, tokens) -> dict[str, str]:
-    claims = claims_of(tokens["access_token"])
-    header = {"kid": info.kid, "typ": "at+jwt"}
+    header, claims = _attack_base(info, tokens)
     jwk = next(k for k in app.test_client().get("/.well-known/jwks.json").get_json()["keys"])
     public_pem = jwt.PyJWK(jwk).key.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -664,6 +704,22 @@ ATTACKS = [
 ]
 
 
+def test_the_attack_helpers_with_the_real_key_make_accepted_tokens(eddsa):
+    """The control of the attacks below: the same helpers, header and claims, signed by the
+    active key itself, are accepted; so each attack is refused for what it changes."""
+    app, client, info, tokens = eddsa
+    header, claims = _attack_base(info, tokens)
+    real = stored_private_key(app, info.kid)
+    with app.app_context():
+        assert keys.signing_key().kid == info.kid
+    by_hand = raw_token({"alg": "EdDSA", **header}, claims, real.sign)
+    by_pyjwt = _sign_with(real, "EdDSA", header, claims)
+    for token in (by_hand, by_pyjwt):
+        response = client.get("/auth/me", headers=bearer(token))
+        assert response.status_code == 200, response.get_json()
+        assert response.get_json()["username"] == "alice"
+
+
 @pytest.mark.parametrize("attack", ATTACKS)
 def test_attacks_are_invalid_tokens(eddsa, attack):
     app, client, info, tokens = eddsa
@@ -700,6 +756,86 @@ def test_unknown_kids_reload_the_key_set_at_most_once_per_bound(eddsa, monkeypat
         forged = _sign_with(attacker, "EdDSA", {"kid": kid, "typ": "at+jwt"}, claims)
         assert_error(client.get("/auth/me", headers=bearer(forged)), 401, "INVALID_TOKEN")
     assert len(loads) == 1
+
+
+def _due_for_a_reload(keyring: keys.KeyRing) -> None:
+    """The process's key set as it is once the reload interval and the bound on retries
+    have passed: its next use reads the table again."""
+    keyring._set = dataclasses.replace(keyring._set, loaded_at=time.monotonic() - keyring.interval - 1)
+    keyring._last_attempt = float("-inf")
+
+
+@contextmanager
+def database_failing(engine, outage: str) -> Iterator[None]:
+    """The driver's own OperationalError, as when the server is lost: on every new
+    connection ("unreachable": the pool emptied first), or on the signing keys' read only
+    ("key read fails": every other statement goes through)."""
+    error = engine.dialect.loaded_dbapi.OperationalError
+
+    def refuse_connection(*_args):
+        raise error("could not connect to server")
+
+    def refuse_key_read(_conn, _cursor, statement, *_args):
+        if "signing_keys" in statement:
+            raise error("server closed the connection unexpectedly")
+
+    if outage == "unreachable":
+        engine.dispose()
+        name, listener = "do_connect", refuse_connection
+    else:
+        name, listener = "before_cursor_execute", refuse_key_read
+    event.listen(engine, name, listener)
+    try:
+        yield
+    finally:
+        event.remove(engine, name, listener)
+
+
+@pytest.mark.parametrize("outage", ["unreachable", "key read fails"])
+def test_a_reload_that_cannot_read_the_keys_keeps_the_known_ones_and_their_tokens_verify(make_app, outage, caplog):
+    """A periodic reload of the key set while the database is out of reach (or the read of
+    the keys fails): the process keeps serving and verifying with the keys it knew."""
+    caplog.set_level(logging.WARNING, logger="authapp.keys")
+    app = make_app(JWT_ALGORITHM="EdDSA", CIRCUIT_BREAKER_THRESHOLD=1000)
+    info = activate_new_key(app)
+    client = app.test_client()
+    tokens = register(client)
+    keyring = keys.ring(app)
+    with app.app_context():
+        keyring.current()
+        engine = db.engine
+    with make_app(JWT_ALGORITHM="EdDSA").app_context():
+        standby = keys.generate()  # another instance's command: this process has not read it yet
+
+    def failed_reloads() -> int:
+        return sum(getattr(r, "event", "") == "signing_keys_reload_failed" for r in caplog.records)
+
+    def published() -> set[str]:
+        answer = client.get("/.well-known/jwks.json")
+        assert answer.status_code == 200, answer.get_json()
+        return {k["kid"] for k in answer.get_json()["keys"]}
+
+    with database_failing(engine, outage):
+        _due_for_a_reload(keyring)
+        if keyring.verified is not None:
+            keyring.verified.clear()  # the token's signature is checked now, with the kept key
+        if outage == "unreachable":
+            with app.test_request_context():
+                assert keys.decode_access_token(tokens["access_token"])["sub"] == "1"
+            assert failed_reloads() == 1  # that verification tried the table, and used the kept key
+            # The session cannot be read: the outage is a 503, not a logout.
+            assert_error(client.get("/auth/me", headers=bearer(tokens["access_token"])), 503, "SERVICE_UNAVAILABLE")
+        else:
+            me = client.get("/auth/me", headers=bearer(tokens["access_token"]))
+            assert me.status_code == 200, me.get_json()
+        assert failed_reloads() == 1
+        assert published() == {info.kid}  # the keys it knew, not an empty set
+        assert failed_reloads() == 1  # retried after the bound (5 s), not at every request
+
+    _due_for_a_reload(keyring)  # the bound has passed, the database answers again
+    assert published() == {info.kid, standby.kid}
+    assert client.get("/auth/me", headers=bearer(tokens["access_token"])).status_code == 200
+    assert failed_reloads() == 1
 
 
 def test_a_key_activated_elsewhere_is_found_at_once_by_its_kid(make_app):
