@@ -4,9 +4,10 @@ Every wall-clock read of the service goes through `clock.now()` (tests/test_laye
 checks it), so a test that freezes or moves this one function
 (`monkeypatch.setattr(clock, "now", ...)`) moves the whole service: stored times, key
 ages, the error envelope's and health's timestamps. Durations and timeouts use
-`time.monotonic()`, which no one sets. PyJWT checks a token's `exp` and `nbf` against the
-real time on its own, and the `verified_tokens` speed-up, which stands in for that check,
-reads the real time as PyJWT does.
+`time.monotonic()`, which no one sets. The real time is read on purpose in three places,
+each named in that test: PyJWT's `exp` and `nbf` checks and the `verified_tokens`
+speed-up that stands in for them, a log record's time (as logging takes it), and the
+rate limiter's `Retry-After` (Flask-Limiter's reset times are on the real clock).
 """
 
 from datetime import UTC, datetime, timedelta

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from . import schema_version
+from .breaker import State
 from .clock import iso_now
 from .database import UPGRADE_HINT, DatabaseReadOnly, SchemaOutdated, breaker, probe, unit_of_work
 from .errors import AppError
@@ -67,9 +68,11 @@ def _check_database() -> str:
     except SchemaOutdated:
         problem = f"the database has no schema: {UPGRADE_HINT}"
     except AppError:
-        # The breaker is open (or the database did not answer): what the background probe
+        # While the breaker is open the database is not asked: what the background probe
         # last saw says whether it is down or up but refusing writes.
-        return "read_only" if probe().last_failure is DatabaseReadOnly else "error"
+        if breaker().state is State.OPEN and probe().last_failure is DatabaseReadOnly:
+            return "read_only"
+        return "error"
     else:
         if read_only:
             return "read_only"

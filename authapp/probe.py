@@ -68,6 +68,10 @@ class DatabaseProbe:
         # Runs under the breaker's lock: only wake the thread, never check from here.
         if new is State.OPEN:
             self.start()
+        elif new is State.CLOSED:
+            # Closed by a trial request as well as by a check: the last failure is history.
+            self.last_error = None
+            self.last_failure = None
 
     def start(self) -> None:
         """Make sure the thread runs (in this process) and checks now."""

@@ -249,13 +249,18 @@ env_value() {   # the value of one key of the settings file (the last one wins, 
 random_secret() { head -c "$1" /dev/urandom | base64 -w 0 | tr '+/' '-_' | tr -d '='; }
 
 new_settings() {   # a new settings file: the knobs' settings and new secrets
-    local database_url="${AUTHAPP_DATABASE_URL:-}" extra=() setting knob given
+    local database_url="${AUTHAPP_DATABASE_URL:-}" extra=() setting knob given jwt_secret db_password
+    # Each secret in an assignment of its own: set -e sees a failed substitution there,
+    # never inside `local` or an array (they would hide it and write an empty secret).
+    jwt_secret="$(random_secret 48)"
+    db_password="$(random_secret 24)"
+    [ "${#jwt_secret}" -ge 64 ] && [ "${#db_password}" -ge 32 ] || die "could not read random bytes from /dev/urandom"
     if [ "$LOCAL_POSTGRES" = yes ]; then
-        database_url="postgresql://$DB_USER:$(random_secret 24)@$PG_HOST:$PG_PORT/$DB_NAME"
+        database_url="postgresql://$DB_USER:$db_password@$PG_HOST:$PG_PORT/$DB_NAME"
     fi
     read -r -a extra <<<"${AUTHAPP_SETTINGS:-}"
     local settings=("ENVIRONMENT=production" "DATABASE_URL=$database_url"
-                    "JWT_SECRET_KEY=$(random_secret 48)" "BCRYPT_ROUNDS=12" "LOG_LEVEL=INFO"
+                    "JWT_SECRET_KEY=$jwt_secret" "BCRYPT_ROUNDS=12" "LOG_LEVEL=INFO"
                     "RATELIMIT_STORAGE_URI=$REDIS_URL")
     for knob in "${NEW_FILE_NEEDS[@]}"; do
         given="AUTHAPP_$knob"

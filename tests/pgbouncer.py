@@ -1,7 +1,12 @@
 """Debian's PgBouncer in transaction mode, with its stock settings (no
 `ignore_startup_parameters`), on a free loopback port in front of a PostgreSQL server:
 for tests/test_pgbouncer.py, and for `pytest --pgbouncer`, which runs every PostgreSQL
-test of the session through it."""
+test that takes its database from the suite's fixtures through it.
+
+That run keeps the app's default `DATABASE_IDLE_TIMEOUT`, which the docs say to turn off
+behind PgBouncer: its `SET idle_session_timeout` stays on the PgBouncer server connection
+it ran on, but every test's database is its own and is dropped after the test, and the
+server connections to it with it, so the setting reaches no other client."""
 
 from __future__ import annotations
 

@@ -482,6 +482,30 @@ def test_change_of_address_end_to_end(app, client, mailbox):
     assert_error(client.post("/auth/verify-email", json={"token": confirm[0].token()}), 400, "INVALID_LINK")
 
 
+def test_a_right_password_at_change_email_or_mfa_setup_leaves_the_failed_login_count(database_url, mail_settings):
+    """Only a completed login clears the count (the contract): a right current_password at
+    change-email or MFA setup, from a live session, counts as an attempt and clears nothing."""
+    app = create_app(base_settings(DATABASE_URL=database_url, LOGIN_MAX_FAILURES="3", **mail_settings))
+    client = app.test_client()
+    actions = {
+        "alice": lambda tokens: change_email(client, tokens, "new@example.com"),
+        "bob": lambda tokens: client.post(
+            "/auth/mfa/totp/setup", headers=bearer(tokens["access_token"]), json={"current_password": PASSWORD}
+        ),
+    }
+    for name, action in actions.items():
+        tokens = register(client, name)
+        wrong = {"username": name, "password": "wrong-pass-123"}
+        assert_error(client.post("/auth/login", json=wrong), 401, "INVALID_CREDENTIALS")
+        assert action(tokens).status_code in (200, 202)
+        assert_error(client.post("/auth/login", json=wrong), 401, "INVALID_CREDENTIALS")
+        # Three attempts in the window, none cleared: locked, the right password too.
+        right = {"username": name, "password": PASSWORD}
+        assert_error(client.post("/auth/login", json=right), 429, "RATE_LIMITED")
+    with app.app_context():
+        db.engine.dispose()
+
+
 def test_change_of_address_taken_meanwhile_is_409_and_spends_nothing(app, client, mailbox):
     tokens = register(client)
     assert change_email(client, tokens, "wanted@example.com").status_code == 202

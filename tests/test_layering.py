@@ -113,7 +113,7 @@ REAL_CLOCK_READS = {
     ("ratelimit.py", "_handle_rate_limited"): "the same",
 }
 WALL_CLOCK = {("datetime", "now"), ("datetime", "utcnow"), ("datetime", "today"), ("date", "today")}
-WALL_CLOCK |= {("time", "time"), ("time", "time_ns")}
+WALL_CLOCK |= {("time", "time"), ("time", "time_ns"), ("time", "gmtime"), ("time", "localtime"), ("time", "strftime")}
 
 
 def clock_reads(source: str) -> list[tuple[int, str, str]]:

@@ -200,9 +200,10 @@ def enable_code(client, access: str, code: str):
 @pytest.mark.parametrize("settings", [{"LOGIN_MAX_FAILURES": "4"}])
 def test_wrong_enable_codes_count_on_the_account_lockout(client, tokens, frozen, log_lines):
     access = tokens["access_token"]
-    secret = setup(client, access).get_json()["secret"]  # the right password: the count at 0
+    # 1: the right password counts as an attempt and clears nothing (only a login does)
+    secret = setup(client, access).get_json()["secret"]
     wrong = refused_code(secret, frozen.now(), 7)
-    for _ in range(4):  # 1, 2, 3, 4: still the contract's 400 for a wrong code
+    for _ in range(3):  # 2, 3, 4: still the contract's 400 for a wrong code
         assert_error(enable_code(client, access, wrong), 400, "VALIDATION_ERROR")
     # Then the account is locked, for the right code as for a login.
     locked = enable_code(client, access, code_at(secret, frozen.now()))
@@ -211,7 +212,7 @@ def test_wrong_enable_codes_count_on_the_account_lockout(client, tokens, frozen,
     assert_error(login(client), 429, "RATE_LIMITED")
     assert client.get("/auth/me", headers=bearer(access)).get_json()["mfa_enabled"] is False
     events = [line for line in log_lines() if line.get("event") == "mfa_enable_failed"]
-    assert len(events) == 4 and all(line["reason"] == "wrong_code" for line in events)
+    assert len(events) == 3 and all(line["reason"] == "wrong_code" for line in events)
     frozen.move(901)  # the window passes
     again = setup(client, access).get_json()["secret"]
     assert enable_code(client, access, code_at(again, frozen.now())).status_code == 200
@@ -383,14 +384,14 @@ def test_unknown_challenges_are_invalid_tokens(client, tokens, frozen, token):
     assert_error(verify(client, token, code="123456"), 401, "INVALID_TOKEN")
 
 
-@pytest.mark.parametrize("settings", [{"LOGIN_MAX_FAILURES": "5"}])
+@pytest.mark.parametrize("settings", [{"LOGIN_MAX_FAILURES": "6"}])
 def test_wrong_codes_count_on_the_account_lockout_cleared_only_after_the_second_factor(client, tokens, frozen):
-    enabled = enable_mfa(client, tokens, frozen)  # 1: the code that enabled MFA
+    enabled = enable_mfa(client, tokens, frozen)  # 1, 2: the setup's password, the enabling code
     wrong = refused_code(enabled.secret, frozen.now(), 7)
-    token = challenge(client)  # 2
-    assert_error(verify(client, token, code=wrong), 401, "INVALID_MFA_CODE")  # 3
-    token = challenge(client)  # 4: the right password does not clear the count
-    assert_error(verify(client, token, code=wrong), 401, "INVALID_MFA_CODE")  # 5
+    token = challenge(client)  # 3
+    assert_error(verify(client, token, code=wrong), 401, "INVALID_MFA_CODE")  # 4
+    token = challenge(client)  # 5: the right password does not clear the count
+    assert_error(verify(client, token, code=wrong), 401, "INVALID_MFA_CODE")  # 6
     locked = verify(client, token, code=code_at(enabled.secret, frozen.now()))
     assert_error(locked, 429, "RATE_LIMITED")
     assert 1 <= int(locked.headers["Retry-After"]) <= 900
@@ -399,7 +400,7 @@ def test_wrong_codes_count_on_the_account_lockout_cleared_only_after_the_second_
     token = challenge(client)  # 1
     assert verify(client, token, code=code_at(enabled.secret, frozen.now())).status_code == 200  # 2, then cleared
     token = challenge(client)  # 1: the count began again
-    for _ in range(4):  # 2, 3, 4, 5
+    for _ in range(5):  # 2, 3, 4, 5, 6
         assert_error(verify(client, token, code=wrong), 401, "INVALID_MFA_CODE")
     assert_error(verify(client, token, code=wrong), 429, "RATE_LIMITED")
 

@@ -122,3 +122,15 @@ def test_a_forked_child_runs_a_probe_thread_of_its_own(probe, database):
     os.waitpid(child, 0)
     assert answer == "False closed", answer
     assert probe.breaker.state is State.OPEN, "the parent's database is still down"
+
+
+def test_a_breaker_closed_by_a_trial_request_forgets_the_last_failure(probe, database):
+    """Readiness reads `last_failure` while the breaker is open; once a trial request has
+    closed it, an old failure (a read-only database, say) must not describe the next outage."""
+    trip(probe)
+    wait_until(lambda: probe.last_failure is ConnectionRefusedError, 5, "a failed check")
+    assert probe.last_error == "ConnectionRefusedError"
+    assert probe.breaker.half_open()  # what a request does once the breaker's timeout has passed
+    probe.breaker.record_success()
+    assert probe.breaker.state is State.CLOSED
+    assert (probe.last_failure, probe.last_error) == (None, None)

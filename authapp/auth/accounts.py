@@ -3,6 +3,8 @@ password (the user's own change, or an operator's)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 
 from sqlalchemy import Select, delete, func, or_, select, update
@@ -203,14 +205,25 @@ def _asking_session(db: Session, auth: AuthContext) -> tuple[str, tuple[str, ...
     return aal, tuple(amr.split())
 
 
-def still_checked(db: Session, auth: AuthContext, checked_hash: str) -> tuple[str, tuple[str, ...]]:
-    """In the unit of work that writes after `check_current_password`: the user's row
-    locked, its hash still `checked_hash` and the user still active (CredentialsChanged
-    otherwise: a change, reset or deactivation came first), and the asking session
-    re-read as `_asking_session` does. Returns that session's level."""
-    if not write_if_unchanged(db, auth.user_id, checked_hash, {"hashed_password": checked_hash}):
-        raise CredentialsChanged()
-    return _asking_session(db, auth)
+@contextmanager
+def still_checked(auth: AuthContext, checked_hash: str, failure_event: str, **fields: Any) -> Iterator[Session]:
+    """The unit of work of a change that checked the current password (`checked_hash`, from
+    `check_current_password`): it goes on only while that hash is still the stored one, the
+    user still active and the asking session still live, with the user's row locked until
+    it commits. A password change, reset or deactivation that committed since wins: this one
+    is audited as `failure_event` with reason `credentials_changed` and gets
+    INVALID_CREDENTIALS (TOKEN_REVOKED when only the session ended).
+
+    The failed-login count stays as it is: only a completed login clears it."""
+    try:
+        with unit_of_work() as db:
+            if not write_if_unchanged(db, auth.user_id, checked_hash, {"hashed_password": checked_hash}):
+                raise CredentialsChanged()
+            _asking_session(db, auth)
+            yield db
+    except CredentialsChanged:
+        audit.record(failure_event, user_id=auth.user_id, sid=auth.session_id, reason="credentials_changed", **fields)
+        raise
 
 
 def replace_password(

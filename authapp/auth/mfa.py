@@ -21,8 +21,7 @@ import hmac
 import io
 import logging
 import secrets
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -169,22 +168,10 @@ def _check_password(auth: AuthContext, current_password: str, action: str) -> st
     return accounts.check_current_password(auth, current_password, audit.MFA_CHANGE_FAILED, action=action)
 
 
-@contextmanager
-def _still_checked(auth: AuthContext, checked_hash: str, action: str) -> Iterator[Session]:
-    """The unit of work of a change that checked the current password: it goes on only
-    over the hash checked, for a user still active and a live session (see
-    `accounts.still_checked`; the user's row stays locked until it commits), so that a
-    password change, a reset or a deactivation that committed since wins and this one
-    gets INVALID_CREDENTIALS. The failed-login count is cleared in it."""
-    try:
-        with unit_of_work() as db:
-            accounts.still_checked(db, auth, checked_hash)
-            ratelimit.clear_failures(ratelimit.account_key(auth.user_id, ""), db)
-            yield db
-    except accounts.CredentialsChanged:
-        reason = "credentials_changed"
-        audit.record(audit.MFA_CHANGE_FAILED, user_id=auth.user_id, sid=auth.session_id, reason=reason, action=action)
-        raise
+def _still_checked(auth: AuthContext, checked_hash: str, action: str) -> AbstractContextManager[Session]:
+    """The unit of work of an MFA change over the password hash it checked
+    (`accounts.still_checked`: the user's row locked, as every MFA change)."""
+    return accounts.still_checked(auth, checked_hash, audit.MFA_CHANGE_FAILED, action=action)
 
 
 # -- Setup, enable, disable, new recovery codes ------------------------------------------

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from .. import audit, clock, ratelimit, settings
+from .. import audit, clock, settings
 from ..database import unit_of_work
 from ..errors import UserAlreadyExists, ValidationFailed
 from ..mail import outbox
@@ -98,24 +98,17 @@ def request_change(auth: AuthContext, new_email: str, current_password: str) -> 
     The link is written only over the hash the password was checked against, for a user
     still active and a session still live: a change-email whose check raced a password
     change, a reset or a deactivation gets INVALID_CREDENTIALS and sends nothing."""
-    account = ratelimit.account_key(auth.user_id, "")
     checked = accounts.check_current_password(auth, current_password, audit.EMAIL_CHANGE_FAILED)
     user = auth.user
     now = clock.now()
     outcome = "queued"
-    try:
-        with unit_of_work() as db:
-            accounts.still_checked(db, auth, checked)
-            ratelimit.clear_failures(account, db)  # the password was right, and still is
-            if new_email == user.email.lower():
-                outcome = "same_address"
-            elif _address_taken(db, new_email, user.id):
-                outcome = "address_taken"
-            else:
-                confirm, notice = mailings.change_email(db, user, new_email, now)
-    except accounts.CredentialsChanged:
-        audit.record(audit.EMAIL_CHANGE_FAILED, user_id=user.id, sid=auth.session_id, reason="credentials_changed")
-        raise
+    with accounts.still_checked(auth, checked, audit.EMAIL_CHANGE_FAILED) as db:
+        if new_email == user.email.lower():
+            outcome = "same_address"
+        elif _address_taken(db, new_email, user.id):
+            outcome = "address_taken"
+        else:
+            confirm, notice = mailings.change_email(db, user, new_email, now)
     if outcome == "same_address":
         raise ValidationFailed(errors={"new_email": ["This is already the account's address."]})
     if outcome == "address_taken":
