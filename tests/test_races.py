@@ -83,16 +83,21 @@ def live_sessions(app) -> int:
         return len(db.session.scalars(select(AuthSession.id).where(AuthSession.revoked_at.is_(None))).all())
 
 
+def assert_the_change_won(app, client, raced) -> None:
+    """The login that raced a change of password lost: 401, only the change's own session
+    is live, and only the new password works."""
+    assert_error(raced, 401, "INVALID_CREDENTIALS")
+    assert live_sessions(app) == 1
+    assert_error(login(client), 401, "INVALID_CREDENTIALS")
+    assert login(client, NEW_PASSWORD).status_code == 200
+
+
 def test_login_racing_a_password_change_fails(app, client, tokens, between_bcrypt_and_write):
     changed: list[int] = []
     between_bcrypt_and_write(lambda: changed.append(change_password(client, tokens["access_token"]).status_code))
     raced = login(client)
     assert changed == [200]
-    assert_error(raced, 401, "INVALID_CREDENTIALS")
-    # only the change's own session is live, and only the new password works
-    assert live_sessions(app) == 1
-    assert_error(login(client), 401, "INVALID_CREDENTIALS")
-    assert login(client, NEW_PASSWORD).status_code == 200
+    assert_the_change_won(app, client, raced)
 
 
 @pytest.mark.parametrize("settings", [{"BCRYPT_ROUNDS": "5"}])
@@ -163,11 +168,7 @@ def test_login_racing_a_password_reset_fails(app, client, tokens, between_bcrypt
     )
     raced = login(client)
     assert reset == [200]
-    assert_error(raced, 401, "INVALID_CREDENTIALS")
-    # only the reset's own session is live, and only the new password works
-    assert live_sessions(app) == 1
-    assert_error(login(client), 401, "INVALID_CREDENTIALS")
-    assert login(client, NEW_PASSWORD).status_code == 200
+    assert_the_change_won(app, client, raced)
 
 
 # -- Writes other than a session: each checks the current password, then writes ----------
