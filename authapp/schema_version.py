@@ -79,10 +79,13 @@ def check_once(engine: Engine) -> str | None:
     return problem
 
 
+CHECK_THREAD_NAME = "authapp-schema-check"
+
+
 def check_in_background(app: Flask) -> threading.Thread:
     """`check_once` in a daemon thread: a slow or absent database never delays start-up."""
     with app.app_context():
         engine = db.engine
-    thread = threading.Thread(target=check_once, args=(engine,), name="authapp-schema-check", daemon=True)
+    thread = threading.Thread(target=check_once, args=(engine,), name=CHECK_THREAD_NAME, daemon=True)
     thread.start()
     return thread
