@@ -53,7 +53,7 @@ def health():
 
 
 @blp.get("/live")
-@blp.response(200, LivenessSchema)
+@blp.written_response(200, LivenessSchema)
 @blp.alt_response(500, response="INTERNAL_SERVER_ERROR")
 def live():
     """Liveness: the process answers; the database is not touched."""

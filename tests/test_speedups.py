@@ -4,7 +4,7 @@ library code it replaces, each off with SPEEDUPS, and a warning when one cannot 
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import flask_limiter
 import jwt
@@ -414,11 +414,37 @@ def test_a_new_request_id_is_what_uuid4_writes():
 
     from authapp.observability.requests import new_request_id
 
+    variant_digits = set()
     for _ in range(2000):
         made = new_request_id()
         parsed = uuid.UUID(made)
         assert str(parsed) == made and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+        variant_digits.add(made[19])
+    assert variant_digits == set("89ab")  # the variant's two random bits stay random
     assert len({new_request_id() for _ in range(1000)}) == 1000
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)),
+        min_size=1,
+        max_size=8,
+    ),
+    st.integers(min_value=0, max_value=3),
+)
+def test_iso_now_writes_what_iso_writes_of_the_same_time(times, repeats):
+    """The same text as `clock.iso(clock.now())` for each time `now()` gives, the same
+    second again (the part kept) or another one (written anew)."""
+    from authapp import clock
+
+    with pytest.MonkeyPatch.context() as patch:
+        for moment in times:
+            moment = moment.replace(microsecond=moment.microsecond // 1000 * 1000)  # as now() gives it
+            for step in range(repeats + 1):
+                current = moment + timedelta(milliseconds=step)
+                patch.setattr(clock, "now", lambda current=current: current)
+                assert clock.iso_now() == clock.iso(current)
 
 
 @settings(max_examples=200, deadline=None)
@@ -484,13 +510,17 @@ def test_documentation_only_writes_the_same_openapi_document(tmp_path):
 
 def test_documentation_only_leaves_no_wrapper_and_the_same_description():
     from authapp.openapi import Blueprint
+    from authapp.schemas import UserSchema
 
     blp = Blueprint("sample", __name__)
 
     def view():
         return "ok"
 
-    documented = blp.alt_response(401, response="UNAUTHORIZED")(blp.doc(security=[{"bearerAuth": []}])(view))
+    schema = UserSchema()  # one instance for both: a schema is equal only to itself
+    documented = blp.written_response(200, schema)(
+        blp.alt_response(401, response="UNAUTHORIZED")(blp.doc(security=[{"bearerAuth": []}])(view))
+    )
     assert documented is view
     import flask_smorest
 
@@ -499,8 +529,25 @@ def test_documentation_only_leaves_no_wrapper_and_the_same_description():
     def other():
         return "ok"
 
-    wrapped = plain.alt_response(401, response="UNAUTHORIZED")(plain.doc(security=[{"bearerAuth": []}])(other))
+    wrapped = plain.response(200, schema)(
+        plain.alt_response(401, response="UNAUTHORIZED")(plain.doc(security=[{"bearerAuth": []}])(other))
+    )
     assert wrapped is not other and wrapped._apidoc == view._apidoc
+
+
+def test_a_written_response_is_what_flask_smorest_passes_through():
+    """flask-smorest's `response` returns a view's own `Response` as it is: the answer
+    `written_response` leaves to the view alone."""
+    import flask_smorest
+    from flask import Response
+
+    from authapp.schemas import UserSchema
+
+    app = Flask(__name__)
+    written = Response(b'{"a":1}\n', status=200, mimetype="application/json")
+    wrapped = flask_smorest.Blueprint("plain", __name__).response(200, UserSchema)(lambda: written)
+    with app.test_request_context("/"):
+        assert wrapped() is written
 
 
 # -- verified_tokens ----------------------------------------------------------------------

@@ -113,7 +113,7 @@ def login(data):
 @blp.post("/refresh")
 @limiter.limit(ratelimit.refresh_limit)
 @json_body(RefreshSchema)
-@blp.response(200, TokenResponseSchema)
+@blp.written_response(200, TokenResponseSchema)
 @errors(401, 429)
 def refresh(data):
     """Rotate a refresh token: a new access and refresh token in the same session."""
@@ -123,7 +123,7 @@ def refresh(data):
 
 @blp.get("/me")
 @authenticated
-@blp.response(200, UserSchema)
+@blp.written_response(200, UserSchema)
 def me(auth):
     """The user the access token belongs to."""
     return json_response(user_out(auth.user))  # what UserSchema would dump, without marshmallow

@@ -42,13 +42,16 @@ def _incoming_request_id(environ: dict[str, Any]) -> str | None:
     return raw if raw and _UUID.fullmatch(raw) else None
 
 
+# The RFC 4122 variant in a UUID's 17th hex digit: its top two bits set to 10, the other
+# two random ("0".."f" -> "8", "9", "a", "b").
+_VARIANT_DIGIT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
+
+
 def new_request_id() -> str:
-    """A random UUID (version 4) as text, as `str(uuid.uuid4())` writes it, in fewer steps."""
-    raw = bytearray(os.urandom(16))
-    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
-    raw[8] = (raw[8] & 0x3F) | 0x80  # the RFC 4122 variant
-    x = raw.hex()
-    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
+    """A random UUID (version 4) as text, as `str(uuid.uuid4())` writes it, in fewer steps:
+    16 random bytes as hex, the 13th digit the version (4), the 17th the variant."""
+    x = os.urandom(16).hex()
+    return f"{x[:8]}-{x[8:12]}-4{x[13:16]}-{_VARIANT_DIGIT[x[16]]}{x[17:20]}-{x[20:]}"
 
 
 class RequestGlobals(_AppCtxGlobals):
