@@ -15,7 +15,8 @@ route of bench/bare.py, the reference of `make bench`.
 
 The app runs as in production: the per-address limits on, their counters in Redis
 (--redis-url, under a key prefix of this run's own; the keys it made are deleted
-afterwards). The garbage collector is kept out of the counted requests (collected once
+afterwards), the metrics in prometheus_client's multiprocess mode (files in a directory
+of the run's own). The garbage collector is kept out of the counted requests (collected once
 before them, disabled during them, and the process ends without a final collection), and
 the start-up's background schema check is waited for before the first request, so that
 two runs of the same code agree to within a thousand instructions per request.
@@ -103,6 +104,8 @@ def count(path: str, requests: int, env: dict[str, str], admin_url: str) -> int:
             generate = [*flask, "keys", "generate", "--activate"]
             subprocess.run(generate, cwd=ROOT, env=env, check=True, capture_output=True, timeout=120)
         with tempfile.TemporaryDirectory() as tmp:
+            # The metrics as under uWSGI: prometheus_client's multiprocess mode, its files here.
+            env["PROMETHEUS_MULTIPROC_DIR"] = tmp
             done = subprocess.run(
                 [
                     "valgrind",

@@ -99,3 +99,44 @@ def test_auth_me_and_refresh_are_held_to_the_baseline(path, ours, passed):
         passed,
     )
     assert peer_lines(rows) == []  # the verdict says it
+
+
+def test_repeat_measures_the_get_rows_again_each_between_bare_runs():
+    plan = build_plan(options(only=["/health/live", "/auth/me"], repeat=2), BARE, APP, "someone", [FASTAPI])
+    assert [step.row.name for step in plan.steps] == [
+        "bare Flask route (1)",
+        "GET /health/live [run 1]",
+        "bare Flask route (2)",
+        "GET /auth/me [run 1]",
+        "bare Flask route (3)",
+        f"GET /api/v1/users/me ({FASTAPI_LABEL}) [run 1]",
+        "bare Flask route (4)",
+        "GET /health/live [run 2]",
+        "bare Flask route (5)",
+        "GET /auth/me [run 2]",
+        "bare Flask route (6)",
+        f"GET /api/v1/users/me ({FASTAPI_LABEL}) [run 2]",
+        "bare Flask route (7)",
+    ]
+
+
+@pytest.mark.parametrize(("second", "passed"), [(900.0, True), (890.0, False)])
+def test_a_repeated_row_is_held_to_the_mean_of_its_runs(second, passed):
+    rows = [measured(800.0, 1000.0, path="/health/live"), measured(second, 1000.0, path="/health/live")]
+    (found,) = [(text, ok) for text, ok in verdicts(rows) if text.startswith("/health/live")]
+    mean = (0.8 + second / 1000) / 2
+    assert found == (
+        f"/health/live: {mean:.2f} of bare (mean of 2 runs: 0.80, {second / 1000:.2f}) (target >= 0.85)",
+        passed,
+    )
+
+
+def test_the_template_is_compared_on_the_means_of_the_runs():
+    rows = [
+        measured(300.0, 1000.0),
+        measured(100.0, 1000.0, FASTAPI_LABEL, "/api/v1/users/me"),
+        measured(340.0, 1000.0),
+        measured(100.0, 1000.0, FASTAPI_LABEL, "/api/v1/users/me"),
+    ]
+    (found,) = [(text, ok) for text, ok in verdicts(rows) if "FastAPI template" in text]
+    assert found[0].startswith("/auth/me: 3.20 x the FastAPI template's") and found[1] is True

@@ -51,6 +51,13 @@ def test_the_benchmark_runs_and_every_request_succeeds(admin_url, tmp_path):
         errors = ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts")
         assert sum(row["result"][key] for key in errors) == 0, row
         assert f"| {row['name']} |" in result.stdout
+        assert row["cpu_per_request"]["uwsgi"] > 0 and set(row["cpu_per_request"]) == {
+            "uwsgi",
+            "nginx",
+            "postgres",
+            "wrk",
+            "other",
+        }, row  # the app's processes did the work; each kind has its column
     rows = figures["rows"]
     for i, row in enumerate(rows):
         if row["path"] in ("/health/live", "/auth/me", "/auth/refresh"):
