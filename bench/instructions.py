@@ -21,7 +21,8 @@ before them, disabled during them, and the process ends without a final collecti
 the start-up's background schema check is waited for before the first request, so that
 two runs of the same code agree to within a thousand instructions per request.
 
-    .venv/bin/python bench/instructions.py [--requests 400] [--algorithm EdDSA] [--redis-url URL] [PATH ...]
+    .venv/bin/python bench/instructions.py [--requests 400] [--algorithm EdDSA] [--redis-url URL]
+        [--log-level WARNING] [PATH ...]
 """
 
 from __future__ import annotations
@@ -163,6 +164,11 @@ def main() -> int:
         default=os.environ.get("TEST_REDIS_URL") or "redis://127.0.0.1:6379/0",
         help="the Redis of the per-address limits (keys under a prefix of this run's own)",
     )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        help="LOG_LEVEL of the app (default INFO, production's: a line per request; WARNING: none)",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -174,7 +180,7 @@ def main() -> int:
         "JWT_SECRET_KEY": "i" * 64,
         "RATELIMIT_ENABLED": "true",
         "RATELIMIT_STORAGE_URI": args.redis_url,
-        "LOG_LEVEL": "INFO",
+        "LOG_LEVEL": args.log_level,
         "BCRYPT_ROUNDS": "4",
         # Production requires mail settings; no message is sent here (the outbox keeps them).
         "MAIL_URL": "smtp://127.0.0.1:2525",
