@@ -22,7 +22,7 @@ try:
     # What the app's start made (modules, the app, its schemas, SQLAlchemy's tables...) lives
     # as long as the process: moved out of the garbage collector's sight, so that a full
     # collection looks at what requests made since, not at all of that (about 130,000
-    # objects: a full collection took some 150 ms, a request's worth of tail latency).
+    # objects: a full collection took 150 to 180 ms).
     gc.freeze()
 except ConfigError as exc:
     sys.stderr.write(f"authapp: configuration error: {exc}\n")

@@ -559,7 +559,8 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
             "bcrypt_seconds": bcrypt_times,
             "bare_rps": statistics.mean(row.rps for row in rows if row.path == "/"),
             "ceiling": ceiling,
-            "log_lines_lost": lost_log_lines(stacks[0]),
+            # A line per request only at INFO (BENCH_LOG_LEVEL=WARNING: none to look for).
+            "log_lines_lost": lost_log_lines(stacks[0]) if env["LOG_LEVEL"].upper() in ("DEBUG", "INFO") else None,
             "baseline": baseline,
             "limiter_prefix": prefixes[0],
             "limiter_keys": drop_counters(args.redis_url, prefixes[0]),  # > 0: the limiter counted
@@ -721,6 +722,11 @@ def table(rows: list[Row], info: dict[str, Any]) -> str:
             f"{info['warmup']:g} s of warm-up and a wait for the stack to be idle. Rate limiter on, its "
             f"counters in Redis, with {limits} "
             "(generous: every request of the bench comes from one address and logs into one account)."
+            + (
+                f" LOG_LEVEL={info['log_level']}: no request log lines."
+                if info.get("log_level", "INFO").upper() not in ("DEBUG", "INFO")
+                else ""
+            )
             + (f" Baseline: a second stack from a worktree of {info['baseline']}." if info.get("baseline") else "")
             + (f" Peer: {FASTAPI_PEER_NOTE}" if any(r.peer == FASTAPI_LABEL for r in rows) else ""),
             "",
@@ -730,7 +736,8 @@ def table(rows: list[Row], info: dict[str, Any]) -> str:
             f"median {statistics.median(times) * 1000:.0f} ms) = {info['ceiling']:.2f} requests/s. Bare Flask "
             f"reference: the mean of the bare runs just before and after each row (all bare runs: mean "
             f"{info['bare_rps']:,.1f} requests/s). Request log lines lost: "
-            f'{info["log_lines_lost"]}. "others\' CPU": the share of '
+            f"{'not checked (LOG_LEVEL above INFO)' if info['log_lines_lost'] is None else info['log_lines_lost']}. "
+            '"others\' CPU": the share of '
             "the machine's CPU used by processes outside the benchmark during the row (other users' work); "
             'figures are fair only when it is near 0. "CPU µs per request": the CPU time (user and '
             "system, from /proc) of the uWSGI processes, nginx, the stack's PostgreSQL backends and wrk "
@@ -740,6 +747,14 @@ def table(rows: list[Row], info: dict[str, Any]) -> str:
             *peer_lines(rows),
         ]
     )
+
+
+def at_least_one(text: str) -> int:
+    """--repeat's value: a whole number of runs, 1 or more."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
 
 
 def bench_command(argv: list[str]) -> str:
@@ -837,7 +852,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--repeat",
-        type=int,
+        type=at_least_one,
         default=1,
         help="measure the GET rows (/health/live, /auth/me and their peers) this many times, each "
         "between bare runs; the targets are checked against the mean (default 1)",
@@ -864,6 +879,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "bcrypt_seconds_per_row": args.bcrypt_seconds,
         "load_start": loadavg(),
+        "log_level": os.environ.get("BENCH_LOG_LEVEL", "INFO"),
     }
     rows, references = run(args)
     info.update(references, load_end=loadavg(), verdicts=verdicts(rows))

@@ -140,3 +140,21 @@ def test_the_template_is_compared_on_the_means_of_the_runs():
     ]
     (found,) = [(text, ok) for text, ok in verdicts(rows) if "FastAPI template" in text]
     assert found[0].startswith("/auth/me: 3.20 x the FastAPI template's") and found[1] is True
+
+
+def test_the_p99_line_holds_the_worst_of_the_runs():
+    calm, tailed = measured(300.0, 1000.0), measured(300.0, 1000.0)
+    tailed.result = {**tailed.result, "p99_us": 12_000}  # 12 x its p50 of 1 ms
+    (found,) = [(text, ok) for text, ok in verdicts([calm, tailed]) if "p99" in text]
+    assert found == ("/auth/me: p99 12.0 ms = 12.0 x p50 (the highest of 2 runs) (target < 10)", False)
+
+
+@pytest.mark.parametrize(("text", "accepted"), [("1", True), ("3", True), ("0", False), ("-2", False)])
+def test_repeat_takes_one_run_or_more(text, accepted):
+    from bench.bench import at_least_one
+
+    if accepted:
+        assert at_least_one(text) == int(text)
+    else:
+        with pytest.raises(argparse.ArgumentTypeError):
+            at_least_one(text)
