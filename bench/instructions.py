@@ -19,7 +19,9 @@ afterwards), the metrics in prometheus_client's multiprocess mode (files in a di
 of the run's own). The garbage collector is kept out of the counted requests (collected once
 before them, disabled during them, and the process ends without a final collection), and
 the start-up's background schema check is waited for before the first request, so that
-two runs of the same code agree to within a thousand instructions per request.
+runs of the same code one right after the other agree closely (three within 1k per
+request); runs started from another directory or environment can differ by some 30k
+(docs/benchmark.md), so compare a change with its base counted beside it.
 
     .venv/bin/python bench/instructions.py [--requests 400] [--algorithm EdDSA] [--redis-url URL]
         [--log-level WARNING] [PATH ...]
