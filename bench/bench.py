@@ -443,7 +443,7 @@ def build_plan(args: argparse.Namespace, bare: Server, app: Server, user: str, p
     def bearer(server: Server) -> dict[str, str]:
         return {"Authorization": f"Bearer {server.access}"}
 
-    repeats = getattr(args, "repeat", 1)
+    repeats = args.repeat
     for number in range(1, repeats + 1):  # the GET rows, `--repeat` times over
         run = f" [run {number}]" if repeats > 1 else ""
         for path, name in (("/health/live", "GET /health/live"), ("/auth/me", f"GET /auth/me{signed}")):
@@ -560,7 +560,7 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
             "bare_rps": statistics.mean(row.rps for row in rows if row.path == "/"),
             "ceiling": ceiling,
             # A line per request only at INFO (BENCH_LOG_LEVEL=WARNING: none to look for).
-            "log_lines_lost": lost_log_lines(stacks[0]) if env["LOG_LEVEL"].upper() in ("DEBUG", "INFO") else None,
+            "log_lines_lost": lost_log_lines(stacks[0]) if writes_request_lines(env["LOG_LEVEL"]) else None,
             "baseline": baseline,
             "limiter_prefix": prefixes[0],
             "limiter_keys": drop_counters(args.redis_url, prefixes[0]),  # > 0: the limiter counted
@@ -597,6 +597,11 @@ def lost_log_lines(stack: Stack, patience: float = 10.0) -> int:
 
 
 # -- Report ----------------------------------------------------------------------------------------
+
+
+def writes_request_lines(level: str) -> bool:
+    """Whether the app logs a line per request at LOG_LEVEL `level` (they are INFO)."""
+    return level.upper() in ("DEBUG", "INFO")
 
 
 def runs_of(rows: list[Row]) -> dict[tuple[str, str], list[Row]]:
@@ -659,10 +664,10 @@ def verdicts(rows: list[Row]) -> list[tuple[str, bool]]:
     return found
 
 
-def normalized(ours: Row | list[Row], peer: Row | list[Row]) -> str:
+def normalized(ours: list[Row], peer: list[Row]) -> str:
     """The same ratio with each row taken against the bare runs beside it (the drift out;
     the mean of the runs' ratios when a row ran more than once)."""
-    mine, theirs = (mean_ratio(runs if isinstance(runs, list) else [runs]) for runs in (ours, peer))
+    mine, theirs = mean_ratio(ours), mean_ratio(peer)
     if not (mine and theirs):
         return ""
     return f"; {mine / theirs:.2f} x against the bare runs beside each"
@@ -724,7 +729,7 @@ def table(rows: list[Row], info: dict[str, Any]) -> str:
             "(generous: every request of the bench comes from one address and logs into one account)."
             + (
                 f" LOG_LEVEL={info['log_level']}: no request log lines."
-                if info.get("log_level", "INFO").upper() not in ("DEBUG", "INFO")
+                if not writes_request_lines(info.get("log_level", "INFO"))
                 else ""
             )
             + (f" Baseline: a second stack from a worktree of {info['baseline']}." if info.get("baseline") else "")

@@ -16,7 +16,14 @@ FASTAPI = Server("https://127.0.0.1:4", None, FASTAPI_LABEL, access="template")
 
 
 def options(**overrides) -> argparse.Namespace:
-    values = {"connections": 4, "bcrypt_connections": 2, "bcrypt_seconds": 30, "algorithm": "HS256", "only": []}
+    values = {
+        "connections": 4,
+        "bcrypt_connections": 2,
+        "bcrypt_seconds": 30,
+        "algorithm": "HS256",
+        "only": [],
+        "repeat": 1,
+    }
     return argparse.Namespace(**{**values, **overrides})
 
 
@@ -158,3 +165,10 @@ def test_repeat_takes_one_run_or_more(text, accepted):
     else:
         with pytest.raises(argparse.ArgumentTypeError):
             at_least_one(text)
+
+
+@pytest.mark.parametrize(("level", "lines"), [("INFO", True), ("debug", True), ("WARNING", False), ("ERROR", False)])
+def test_the_lost_line_check_runs_only_where_requests_are_logged(level, lines):
+    from bench.bench import writes_request_lines
+
+    assert writes_request_lines(level) is lines
