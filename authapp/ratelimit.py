@@ -19,7 +19,7 @@ from datetime import timedelta
 from flask import Flask, current_app
 from flask.typing import ResponseReturnValue
 from flask_limiter.errors import RateLimitExceeded
-from sqlalchemy import delete, select
+from sqlalchemy import Connection, delete, insert, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -73,52 +73,59 @@ def account_key(user_id: int | None, identifier: str) -> str:
     return "unknown:" + hashlib.sha256(identifier.strip().lower().encode()).hexdigest()
 
 
-def _dialect_insert(db: Session):
-    return (postgresql_insert if db.get_bind().dialect.name == "postgresql" else sqlite_insert)(LoginGuard)
+def _lock_account(connection: Connection, key: str) -> None:
+    """Hold the account's guard row until the transaction ends, in one statement: an
+    upsert, which on PostgreSQL inserts the row or takes the lock of the one there (also
+    when a prune deletes it meanwhile: ON CONFLICT DO UPDATE always ends in one or the
+    other), and on SQLite takes the database's write lock."""
+    dialect = postgresql_insert if connection.dialect.name == "postgresql" else sqlite_insert
+    guard = dialect(LoginGuard).values(key=key)
+    connection.execute(guard.on_conflict_do_update(index_elements=[LoginGuard.key], set_={"key": guard.excluded.key}))
 
 
-def _lock_account(db: Session, key: str) -> None:
-    """Hold the account's guard row until the transaction ends: on PostgreSQL a row lock
-    (FOR UPDATE), on SQLite the database's write lock, which the INSERT takes first."""
-    for _ in range(3):  # a prune may delete an idle guard between the two statements
-        db.execute(_dialect_insert(db).values(key=key).on_conflict_do_nothing())
-        if db.scalar(select(LoginGuard.key).where(LoginGuard.key == key).with_for_update()) is not None:
-            return
-
-
-def count_attempt(key: str) -> None:
+def count_attempt(key: str, db: Session | None = None) -> None:
     """Count one login attempt on the account before any password is checked, or raise
     RATE_LIMITED (with Retry-After) when LOGIN_MAX_FAILURES attempts fall within the last
     LOGIN_FAILURE_WINDOW seconds (a moving window; a refused attempt is not counted).
+    In `db`'s transaction (a login's, which reads the user in it: one transaction fewer),
+    or in one of its own; a refusal raises inside it, and so rolls it back.
 
     The count lives in the database, so every process and instance shares it with no
     extra service, and the check and the count happen under the account's lock, so
     parallel guesses cannot all slip past a check made before any of them is counted.
     A successful login clears it (`clear_failures`).
     """
+    if db is None:
+        with unit_of_work() as own:
+            count_attempt(key, own)
+        return
     current = settings.current()
     limit, window = current.login_max_failures, timedelta(seconds=current.login_failure_window)
     now = clock.now()
-    with unit_of_work() as db:
-        _lock_account(db, key)
-        recent = db.scalars(
-            select(LoginAttempt.attempted_at)
-            .where(LoginAttempt.key == key, LoginAttempt.attempted_at > now - window)
-            .order_by(LoginAttempt.attempted_at.desc())
-            .limit(limit)
-        ).all()
-        full = len(recent) >= limit
-        if not full:
-            db.add(LoginAttempt(key=key, attempted_at=now))
-            db.execute(delete(LoginAttempt).where(LoginAttempt.key == key, LoginAttempt.attempted_at <= now - window))
-    if full:
+    cutoff = now - window
+    connection = db.connection()  # Core statements: none of the ORM's work per statement
+    _lock_account(connection, key)
+    # The newest limit + 1: the ones within the window decide; an older one among them
+    # means there are attempts to delete (with fewer than `limit` recent ones, the next
+    # one down is among them), and none means no DELETE to send.
+    newest = connection.scalars(
+        select(LoginAttempt.attempted_at)
+        .where(LoginAttempt.key == key)
+        .order_by(LoginAttempt.attempted_at.desc())
+        .limit(limit + 1)
+    ).all()
+    recent = [attempted_at for attempted_at in newest if attempted_at > cutoff]
+    if len(recent) >= limit:
         # Open again when the oldest of the last `limit` attempts leaves the window.
         reset_at = (recent[limit - 1] + window).timestamp()
         retry_after = _retry_after(reset_at, current.login_failure_window)
         raise RateLimited("Too many failed logins; try again later", headers={"Retry-After": retry_after})
+    connection.execute(insert(LoginAttempt).values(key=key, attempted_at=now))
+    if len(recent) < len(newest):
+        connection.execute(delete(LoginAttempt).where(LoginAttempt.key == key, LoginAttempt.attempted_at <= cutoff))
 
 
-def clear_failures(key: str, db: Session | None = None) -> None:
+def clear_failures(key: str, db: Session | Connection | None = None) -> None:
     """Forget the account's counted attempts: in `db`'s transaction (a login's own, which
     then costs no transaction more), or in one of its own."""
     if db is not None:

@@ -362,6 +362,30 @@ def test_change_password_guesses_count_against_the_account(client, tokens):
 
 
 @pytest.mark.parametrize("settings", [LOCKOUT])
+def test_an_attempt_counted_deletes_the_accounts_attempts_past_the_window(app, client, tokens):
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import select
+
+    from authapp.extensions import db
+    from authapp.models import LoginAttempt
+
+    login(client, WRONG)
+    login(client, WRONG)
+    with app.app_context():
+        old = datetime.now(UTC) - timedelta(seconds=3)
+        db.session.execute(LoginAttempt.__table__.update().values(attempted_at=old))
+        db.session.commit()
+    login(client, WRONG)
+    with app.app_context():
+        left = db.session.scalars(select(LoginAttempt.attempted_at)).all()
+    assert len(left) == 1 and left[0] > old.replace(tzinfo=left[0].tzinfo)
+    # the two past the window no longer count: two more failures, and the account still opens
+    login(client, WRONG)
+    assert login(client).status_code == 200
+
+
+@pytest.mark.parametrize("settings", [LOCKOUT])
 def test_prune_deletes_attempts_past_the_window(app, client, tokens):
     from datetime import UTC, datetime, timedelta
 

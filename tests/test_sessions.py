@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -295,6 +296,38 @@ def test_me_costs_one_statement(app, client, tokens):
     with statements_sent(engine) as statements:
         assert me(client, tokens["access_token"]).status_code == 200
     assert len(statements) == 1, statements
+
+
+@pytest.mark.parametrize("settings", [{"SESSION_MAX_PER_USER": "2"}])
+def test_a_login_at_the_session_cap_costs_eleven_statements_in_two_transactions(app, client, tokens):
+    from sqlalchemy import event
+
+    login(client)  # the second live session: the cap is reached
+    with app.app_context():
+        engine = db.engine
+    commits: list[object] = []
+    committed = commits.append  # one bound method, to remove what was listened to
+    event.listen(engine, "commit", committed)
+    try:
+        with statements_sent(engine) as statements:
+            login(client)
+    finally:
+        event.remove(engine, "commit", committed)
+    # (PostgreSQL's statement timeout rides on the first statement of each transaction)
+    kinds = [re.sub(r"^SET LOCAL statement_timeout = \d+; ", "", s).split()[0].upper() for s in statements]
+    sent = [kind for kind in kinds if kind not in ("BEGIN", "COMMIT")]
+    # the user read and the attempt counted (its guard row locked, the recent ones read);
+    # then the hash still the one checked, MFA off, last login, the session beyond the cap
+    # ended, the new session and its refresh token, the counted attempts cleared
+    assert sent == ["SELECT", "INSERT", "SELECT", "INSERT"] + ["UPDATE", "SELECT", "UPDATE", "UPDATE"] + [
+        "INSERT",
+        "INSERT",
+        "DELETE",
+    ], statements
+    assert len(commits) == 2
+    with app.app_context():
+        live = db.session.scalar(select(func.count()).select_from(AuthSession).where(AuthSession.revoked_at.is_(None)))
+    assert live == 2
 
 
 def test_a_refresh_that_fails_after_its_rotation_retires_nothing(app, client, tokens, monkeypatch):

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, cast
 
-from sqlalchemy import Select, delete, func, or_, select, update
+from sqlalchemy import Connection, Select, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -128,11 +128,11 @@ def register(email: str, username: str, password: str, client: Client) -> dict[s
 # -- Activation and passwords -------------------------------------------------------------
 
 
-def count_attempt(account: str, user_id: int | None) -> None:
-    """Count one password (or second-factor) check on the account's lockout, or raise
-    RATE_LIMITED (audited)."""
+def count_attempt(account: str, user_id: int | None, db: Session | None = None) -> None:
+    """Count one password (or second-factor) check on the account's lockout (in `db`'s
+    transaction, or one of its own), or raise RATE_LIMITED (audited)."""
     try:
-        ratelimit.count_attempt(account)
+        ratelimit.count_attempt(account, db)
     except AppError:
         audit.record(audit.LOGIN_LOCKED, user_id=user_id)
         raise
@@ -164,7 +164,7 @@ def set_active(user: User, active: bool) -> int:
     return revoked
 
 
-def write_if_unchanged(db: Session, user_id: int, checked_hash: str, values: dict[str, Any]) -> bool:
+def write_if_unchanged(db: Session | Connection, user_id: int, checked_hash: str, values: dict[str, Any]) -> bool:
     """Update the user only if its stored hash is still `checked_hash` and it is still
     active; False when a password change, reset or deactivation came first. The UPDATE
     also locks the user's row until the transaction ends."""
@@ -184,7 +184,7 @@ def lock_user(db: Session, user_id: int) -> None:
     db.execute(select(User.id).where(User.id == user_id).with_for_update())
 
 
-def mfa_is_on(db: Session, user_id: int) -> bool:
+def mfa_is_on(db: Session | Connection, user_id: int) -> bool:
     return db.scalar(select(MfaTotp.enabled_at).where(MfaTotp.user_id == user_id)) is not None
 
 

@@ -20,10 +20,10 @@ from .context import AuthContext, Client
 def login(password: str, client: Client, email: str | None = None, username: str | None = None) -> dict[str, Any]:
     """Check credentials and start a session; every failure looks and costs the same."""
     rounds = settings.current().bcrypt_rounds
-    with unit_of_work() as db:
+    with unit_of_work() as db:  # the user read and the attempt counted: one transaction
         user = db.scalar(user_query(email=email, username=username))
-    account = ratelimit.account_key(user.id if user else None, email if email is not None else username or "")
-    count_attempt(account, user.id if user else None)
+        account = ratelimit.account_key(user.id if user else None, email if email is not None else username or "")
+        count_attempt(account, user.id if user else None, db)
 
     if user is None:
         # Same bcrypt work as a wrong password, so timing does not reveal the account.
@@ -54,23 +54,24 @@ def login(password: str, client: Client, email: str | None = None, username: str
         values["updated_at"] = now
     challenge = None
     with unit_of_work() as db:
+        connection = db.connection()  # Core statements: none of the ORM's work per statement
         # Only if the hash checked above is still the stored one and the user still
         # active: a password change, reset or deactivation that committed while bcrypt
         # ran wins, and a rehash never overwrites a newer password's hash.
         # (With nothing to write, the hash over itself: the same check, the same lock.)
         unchanged = values or {"hashed_password": user.hashed_password}
-        won = accounts.write_if_unchanged(db, user.id, user.hashed_password, unchanged)
+        won = accounts.write_if_unchanged(connection, user.id, user.hashed_password, unchanged)
         # Session or challenge is decided under the user's row lock, which enabling MFA
         # takes too: an enable that committed first is seen here, one that comes later
         # ends the session started here.
-        if won and mfa.is_enabled(db, user.id):
+        if won and mfa.is_enabled(connection, user.id):
             # Not logged in yet: no last_login, no session, the failed-login count kept
             # until the second factor (auth.mfa.verify).
             challenge = mfa.challenge(db, user.id, values.get("hashed_password", user.hashed_password), now)
         elif won:
-            db.execute(update(User).where(User.id == user.id).values(last_login=now))
-            issued = sessions.start(db, user.id, now, client)
-            ratelimit.clear_failures(account, db)  # with the session: one commit for both
+            connection.execute(update(User).where(User.id == user.id).values(last_login=now))
+            issued = sessions.start(connection, user.id, now, client)
+            ratelimit.clear_failures(account, connection)  # with the session: one commit for both
     if not won:
         audit.record(audit.LOGIN_FAILURE, user_id=user.id, reason="credentials_changed")
         raise InvalidCredentials()

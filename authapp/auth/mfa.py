@@ -27,7 +27,7 @@ from typing import Any
 
 import pyotp
 import segno
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import Connection, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -322,7 +322,7 @@ def reset(user: User) -> tuple[bool, int]:
 # -- The second step of a login -----------------------------------------------------------
 
 
-def is_enabled(db: Session, user_id: int) -> bool:
+def is_enabled(db: Session | Connection, user_id: int) -> bool:
     """Whether MFA is on; read it under the user's row lock (`accounts.lock_user`, or any
     UPDATE of the user) to decide between a session and a challenge."""
     return accounts.mfa_is_on(db, user_id)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, delete, or_, select, update
+from sqlalchemy import Connection, delete, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from .. import audit, clock, settings
@@ -61,44 +61,60 @@ class Issued:
 
 
 def start(
-    db: Session, user_id: int, now: datetime, client: Client, *, aal: str = AAL1, amr: tuple[str, ...] = PASSWORD_ONLY
+    db: Session | Connection,
+    user_id: int,
+    now: datetime,
+    client: Client,
+    *,
+    aal: str = AAL1,
+    amr: tuple[str, ...] = PASSWORD_ONLY,
 ) -> Issued:
-    """Add a session (at level `aal`, authenticated by `amr`) and its first refresh token
-    to the unit of work, ending the user's oldest live sessions when it would make more
-    than SESSION_MAX_PER_USER."""
+    """Store a session (at level `aal`, authenticated by `amr`) and its first refresh token
+    in `db`'s transaction, ending the user's oldest live sessions when it would make more
+    than SESSION_MAX_PER_USER. Core statements, none of the ORM's flush: the rows it
+    returns are the ones stored, not attached to any Session."""
     # Callers have written the user's row in this transaction (login and change-password
     # update it, register inserts it) and hold its lock: two logins of one user count the
     # live sessions one after the other.
-    ended = db.scalars(
+    beyond_cap = (
         select(AuthSession.id)
         .where(AuthSession.user_id == user_id, AuthSession.revoked_at.is_(None), AuthSession.expires_at > now)
         .order_by(AuthSession.created_at.desc(), AuthSession.id.desc())
         .offset(settings.current().session_max_per_user - 1)
-    ).all()
-    if ended:
-        revoke(db, SESSION_LIMIT, now, AuthSession.id.in_(ended))
+    )
+    ended = revoke_returning(db, SESSION_LIMIT, now, AuthSession.id.in_(beyond_cap.scalar_subquery()))
     auth_session = AuthSession(
         id=str(uuid.uuid4()),
         user_id=user_id,
         created_at=now,
         last_used_at=now,
         expires_at=now + settings.current().session_lifetime,
+        revoked_at=None,
+        revoked_reason=None,
         ip=client.ip,
         user_agent=client.user_agent,
         aal=aal,
         amr=" ".join(amr),
     )
-    db.add(auth_session)
-    return Issued(auth_session, *new_refresh_token(db, auth_session, tokens.new_jti(), None, now), list(ended))
+    _connection(db).execute(insert(AuthSession).values(_columns(auth_session, AuthSession)))
+    jti = tokens.new_jti()
+    refresh = refresh_token_row(auth_session, jti, None, now)
+    _connection(db).execute(insert(RefreshToken).values(_columns(refresh, RefreshToken, skip=("id", "used_at"))))
+    return Issued(auth_session, refresh, jti, ended)
 
 
-def new_refresh_token(
-    db: Session, auth_session: AuthSession, jti: str, parent_id: int | None, now: datetime
-) -> tuple[RefreshToken, str]:
-    """Add a refresh token of `auth_session` to the unit of work."""
-    refresh = refresh_token_row(auth_session, jti, parent_id, now)
-    db.add(refresh)
-    return refresh, jti
+def _connection(db: Session | Connection) -> Connection:
+    """The connection of `db`'s transaction: a Core statement on it skips the ORM's
+    per-statement work. A Session's pending objects are flushed first, so that what the
+    statement refers to (the user a registration adds) is there."""
+    if isinstance(db, Session):
+        db.flush()
+        return db.connection()
+    return db
+
+
+def _columns(row: Any, model: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {column.key: getattr(row, column.key) for column in model.__table__.columns if column.key not in skip}
 
 
 def refresh_token_row(auth_session: AuthSession, jti: str, parent_id: int | None, now: datetime) -> RefreshToken:
@@ -121,6 +137,17 @@ def revoke(db: Session | Connection, reason: str, now: datetime, *conditions: An
         .values(revoked_at=now, revoked_reason=reason)
     )
     return result.rowcount  # type: ignore[attr-defined]  # a CursorResult for an UPDATE
+
+
+def revoke_returning(db: Session | Connection, reason: str, now: datetime, *conditions: Any) -> list[str]:
+    """`revoke`, in one statement that also returns the ids of the sessions it ended."""
+    statement = (
+        update(AuthSession)
+        .where(AuthSession.revoked_at.is_(None), *conditions)
+        .values(revoked_at=now, revoked_reason=reason)
+        .returning(AuthSession.id)
+    )
+    return list(_connection(db).scalars(statement).all())
 
 
 # -- Ending sessions ----------------------------------------------------------------------
