@@ -557,7 +557,7 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
         plan.compare(ceiling)
         return rows, {
             "bcrypt_seconds": bcrypt_times,
-            "bare_rps": statistics.mean(row.rps for row in rows if row.path == "/"),
+            "bare_rps": bare_mean(rows),
             "ceiling": ceiling,
             # A line per request only at INFO (BENCH_LOG_LEVEL=WARNING: none to look for).
             "log_lines_lost": lost_log_lines(stacks[0]) if writes_request_lines(env["LOG_LEVEL"]) else None,
@@ -597,6 +597,13 @@ def lost_log_lines(stack: Stack, patience: float = 10.0) -> int:
 
 
 # -- Report ----------------------------------------------------------------------------------------
+
+
+def bare_mean(rows: list[Row]) -> float | None:
+    """The bare route's mean requests/s over its runs; None when only the bcrypt rows ran
+    (no bare run is made beside them)."""
+    bare = [row.rps for row in rows if row.path == "/"]
+    return statistics.mean(bare) if bare else None
 
 
 def writes_request_lines(level: str) -> bool:
@@ -738,9 +745,14 @@ def table(rows: list[Row], info: dict[str, Any]) -> str:
             *lines,
             "",
             f"bcrypt ceiling: {m['cores']} cores / {min(times) * 1000:.0f} ms (fastest of {len(times)} checks; "
-            f"median {statistics.median(times) * 1000:.0f} ms) = {info['ceiling']:.2f} requests/s. Bare Flask "
-            f"reference: the mean of the bare runs just before and after each row (all bare runs: mean "
-            f"{info['bare_rps']:,.1f} requests/s). Request log lines lost: "
+            f"median {statistics.median(times) * 1000:.0f} ms) = {info['ceiling']:.2f} requests/s. "
+            + (
+                "Bare Flask reference: the mean of the bare runs just before and after each row (all bare "
+                f"runs: mean {info['bare_rps']:,.1f} requests/s). "
+                if info.get("bare_rps") is not None
+                else ""
+            )
+            + "Request log lines lost: "
             f"{'not checked (LOG_LEVEL above INFO)' if info['log_lines_lost'] is None else info['log_lines_lost']}. "
             '"others\' CPU": the share of '
             "the machine's CPU used by processes outside the benchmark during the row (other users' work); "

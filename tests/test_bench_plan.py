@@ -62,6 +62,14 @@ def test_without_peers_the_plan_is_authapps_rows_alone():
     assert [step.row.name for step in plan.steps] == ["bare Flask route (1)", "GET /auth/me", "bare Flask route (2)"]
 
 
+def test_the_bcrypt_rows_alone_run_with_no_bare_route_beside_them():
+    from bench.bench import bare_mean
+
+    plan = build_plan(options(only=["/auth/login", "/auth/register"]), BARE, APP, "someone", [])
+    assert [step.row.name for step in plan.steps] == ["POST /auth/login", "POST /auth/register"]
+    assert bare_mean([step.row for step in plan.steps]) is None
+
+
 def measured(rps: float, reference: float, peer: str = "", path: str = "/auth/me") -> Row:
     row = Row("a row", path, 4, peer=peer, reference="bare", reference_rps=reference)
     row.result = {"requests": rps, "duration_us": 1_000_000, "p50_us": 1000, "p99_us": 2000}
