@@ -300,22 +300,8 @@ def test_me_costs_one_statement(app, client, tokens):
 
 @pytest.mark.parametrize("settings", [{"SESSION_MAX_PER_USER": "2"}])
 def test_a_login_at_the_session_cap_costs_eleven_statements_in_two_transactions(app, client, tokens):
-    from sqlalchemy import event
-
     login(client)  # the second live session: the cap is reached
-    with app.app_context():
-        engine = db.engine
-    commits: list[object] = []
-    committed = commits.append  # one bound method, to remove what was listened to
-    event.listen(engine, "commit", committed)
-    try:
-        with statements_sent(engine) as statements:
-            login(client)
-    finally:
-        event.remove(engine, "commit", committed)
-    # (PostgreSQL's statement timeout rides on the first statement of each transaction)
-    kinds = [re.sub(r"^SET LOCAL statement_timeout = \d+; ", "", s).split()[0].upper() for s in statements]
-    sent = [kind for kind in kinds if kind not in ("BEGIN", "COMMIT")]
+    sent, commits = statements_and_commits(app, lambda: login(client))
     # the user read and the attempt counted (its guard row locked, the recent ones read);
     # then the hash still the one checked, MFA off, last login, the session beyond the cap
     # ended, the new session and its refresh token, the counted attempts cleared
@@ -323,11 +309,45 @@ def test_a_login_at_the_session_cap_costs_eleven_statements_in_two_transactions(
         "INSERT",
         "INSERT",
         "DELETE",
-    ], statements
-    assert len(commits) == 2
+    ], sent
+    assert commits == 2
     with app.app_context():
         live = db.session.scalar(select(func.count()).select_from(AuthSession).where(AuthSession.revoked_at.is_(None)))
     assert live == 2
+
+
+def statements_and_commits(app, action) -> tuple[list[str], int]:
+    """The kind of each statement `action` sends (BEGIN and COMMIT left out), and how many
+    transactions it commits."""
+    from sqlalchemy import event
+
+    with app.app_context():
+        engine = db.engine
+    commits: list[object] = []
+    committed = commits.append  # one bound method, to remove what was listened to
+    event.listen(engine, "commit", committed)
+    try:
+        with statements_sent(engine) as statements:
+            action()
+    finally:
+        event.remove(engine, "commit", committed)
+    # (PostgreSQL's statement timeout rides on the first statement of each transaction)
+    kinds = [re.sub(r"^SET LOCAL statement_timeout = \d+; ", "", s).split()[0].upper() for s in statements]
+    return [kind for kind in kinds if kind not in ("BEGIN", "COMMIT")], len(commits)
+
+
+def test_a_registration_costs_one_read_and_one_transaction(app, client, backend):
+    def register():
+        body = {"email": "carol@example.com", "username": "carol", "password": PASSWORD}
+        assert client.post("/auth/register", json=body).status_code == 201
+
+    sent, commits = statements_and_commits(app, register)
+    # the name and address free (outside any transaction); then the user, its session and
+    # refresh token, the verification link, the mail's per-address limit (on PostgreSQL
+    # under an advisory lock) and the mail, the user's older links voided
+    lock = ["SELECT"] if backend == "postgresql" else []
+    assert sent == ["SELECT", "INSERT", "INSERT", "INSERT", "INSERT", *lock, "SELECT", "INSERT", "DELETE"], sent
+    assert commits == 1
 
 
 def test_a_refresh_that_fails_after_its_rotation_retires_nothing(app, client, tokens, monkeypatch):

@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .. import audit, clock, identifiers, ratelimit, settings
-from ..database import unit_of_work
+from ..database import autocommit_read, unit_of_work
 from ..errors import AppError, InvalidCredentials, MfaRequired, NotFound, TokenRevoked, UserAlreadyExists
 from ..mail import outbox
 from ..models import AuthSession, MfaTotp, RefreshToken, User
@@ -77,8 +77,10 @@ def create(
     `send_verification`, queue the verification link in the same transaction.
     USER_ALREADY_EXISTS when the email or username is taken, also when another
     registration commits first."""
-    with unit_of_work() as db:
-        taken = db.scalar(
+    # One read outside any transaction (no BEGIN or COMMIT to wait for): it only spares a
+    # taken name the bcrypt work; the unique indexes decide below.
+    with autocommit_read() as connection:
+        taken = connection.scalar(
             select(User.id).where(
                 or_(User.email == identifiers.canonical_email(email), func.lower(User.username) == username.lower())
             )
@@ -95,7 +97,7 @@ def create(
             db.add(user)
             db.flush()
             if client is not None and start_session:
-                issued = sessions.start(db, user.id, now, client)
+                issued = sessions.start(db, user.id, now, client, first=True)
             if send_verification:
                 message = mailings.verify_email(db, user, now)
     except IntegrityError:

@@ -68,21 +68,25 @@ def start(
     *,
     aal: str = AAL1,
     amr: tuple[str, ...] = PASSWORD_ONLY,
+    first: bool = False,
 ) -> Issued:
     """Store a session (at level `aal`, authenticated by `amr`) and its first refresh token
     in `db`'s transaction, ending the user's oldest live sessions when it would make more
-    than SESSION_MAX_PER_USER. Core statements, none of the ORM's flush: the rows it
-    returns are the ones stored, not attached to any Session."""
+    than SESSION_MAX_PER_USER (`first`: the user was created in this transaction, so it
+    has none to end). Core statements, none of the ORM's flush: the rows it returns are
+    the ones stored, not attached to any Session."""
     # Callers have written the user's row in this transaction (login and change-password
     # update it, register inserts it) and hold its lock: two logins of one user count the
     # live sessions one after the other.
-    beyond_cap = (
-        select(AuthSession.id)
-        .where(AuthSession.user_id == user_id, AuthSession.revoked_at.is_(None), AuthSession.expires_at > now)
-        .order_by(AuthSession.created_at.desc(), AuthSession.id.desc())
-        .offset(settings.current().session_max_per_user - 1)
-    )
-    ended = revoke_returning(db, SESSION_LIMIT, now, AuthSession.id.in_(beyond_cap.scalar_subquery()))
+    ended: list[str] = []
+    if not first:
+        beyond_cap = (
+            select(AuthSession.id)
+            .where(AuthSession.user_id == user_id, AuthSession.revoked_at.is_(None), AuthSession.expires_at > now)
+            .order_by(AuthSession.created_at.desc(), AuthSession.id.desc())
+            .offset(settings.current().session_max_per_user - 1)
+        )
+        ended = revoke_returning(db, SESSION_LIMIT, now, AuthSession.id.in_(beyond_cap.scalar_subquery()))
     auth_session = AuthSession(
         id=str(uuid.uuid4()),
         user_id=user_id,
