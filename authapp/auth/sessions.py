@@ -100,10 +100,11 @@ def start(
         aal=aal,
         amr=" ".join(amr),
     )
-    _connection(db).execute(insert(AuthSession).values(_columns(auth_session, AuthSession)))
+    connection = _connection(db)
+    connection.execute(insert(AuthSession).values(_columns(auth_session, AuthSession)))
     jti = tokens.new_jti()
     refresh = refresh_token_row(auth_session, jti, None, now)
-    _connection(db).execute(insert(RefreshToken).values(_columns(refresh, RefreshToken, skip=("id", "used_at"))))
+    connection.execute(insert(RefreshToken).values(_columns(refresh, RefreshToken, skip=("id", "used_at"))))
     return Issued(auth_session, refresh, jti, ended)
 
 
@@ -118,6 +119,7 @@ def _connection(db: Session | Connection) -> Connection:
 
 
 def _columns(row: Any, model: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The values of `row`'s columns (those in `skip` left to the database's defaults)."""
     return {column.key: getattr(row, column.key) for column in model.__table__.columns if column.key not in skip}
 
 
@@ -133,24 +135,24 @@ def refresh_token_row(auth_session: AuthSession, jti: str, parent_id: int | None
     )
 
 
-def revoke(db: Session | Connection, reason: str, now: datetime, *conditions: Any) -> int:
-    """Revoke the live sessions matching `conditions`; returns how many."""
-    result = db.execute(
+def _revoking(reason: str, now: datetime, *conditions: Any) -> Any:
+    """The UPDATE that revokes the live sessions matching `conditions`."""
+    return (
         update(AuthSession)
         .where(AuthSession.revoked_at.is_(None), *conditions)
         .values(revoked_at=now, revoked_reason=reason)
     )
+
+
+def revoke(db: Session | Connection, reason: str, now: datetime, *conditions: Any) -> int:
+    """Revoke the live sessions matching `conditions`; returns how many."""
+    result = db.execute(_revoking(reason, now, *conditions))
     return result.rowcount  # type: ignore[attr-defined]  # a CursorResult for an UPDATE
 
 
 def revoke_returning(db: Session | Connection, reason: str, now: datetime, *conditions: Any) -> list[str]:
     """`revoke`, in one statement that also returns the ids of the sessions it ended."""
-    statement = (
-        update(AuthSession)
-        .where(AuthSession.revoked_at.is_(None), *conditions)
-        .values(revoked_at=now, revoked_reason=reason)
-        .returning(AuthSession.id)
-    )
+    statement = _revoking(reason, now, *conditions).returning(AuthSession.id)
     return list(_connection(db).scalars(statement).all())
 
 
